@@ -1,0 +1,167 @@
+// Package blobcache is the agent's BlobSource: complete blobs come from the
+// local store; anything else is filled into the store by one fill per blob
+// (whatever the number of clients asking), which every client streams from
+// while it runs.
+package blobcache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/starling-oci/starling/pkg/store"
+	"github.com/starling-oci/starling/registryproxy"
+)
+
+// Filler brings a blob into the store. It calls started once the partial
+// blob exists, so that readers can stream it, and returns when the blob is
+// committed or the fill has failed (after failing the partial).
+type Filler interface {
+	Fill(ctx context.Context, req registryproxy.BlobRequest, started func(*store.Partial)) error
+}
+
+// Cache implements registryproxy.BlobSource.
+type Cache struct {
+	store   *store.Store
+	filler  Filler
+	timeout time.Duration
+	log     *zap.Logger
+
+	mu      sync.Mutex
+	jobs    map[string]*job
+	wg      sync.WaitGroup
+	closing chan struct{}
+	closed  sync.Once
+}
+
+var _ registryproxy.BlobSource = (*Cache)(nil)
+
+type job struct {
+	started chan struct{} // closed when p is set
+	done    chan struct{} // closed when the fill has ended
+	p       *store.Partial
+	err     error
+}
+
+// New builds a Cache. timeout bounds one fill; it runs detached from the
+// clients so that one client going away cannot abort a fill others wait on.
+func New(st *store.Store, filler Filler, timeout time.Duration, log *zap.Logger) *Cache {
+	if timeout <= 0 {
+		timeout = 30 * time.Minute
+	}
+	return &Cache{store: st, filler: filler, timeout: timeout, log: log, jobs: map[string]*job{}, closing: make(chan struct{})}
+}
+
+// OpenBlob returns the blob, starting a fill if it is not complete here.
+func (c *Cache) OpenBlob(ctx context.Context, req registryproxy.BlobRequest) (registryproxy.Blob, error) {
+	// Two rounds: a fill may complete between our store check and joining it.
+	for range 2 {
+		f, size, err := c.store.Open(req.Digest)
+		if err == nil {
+			return &fileBlob{f: f, size: size}, nil
+		}
+		if !errors.Is(err, store.ErrNotFound) {
+			return nil, err
+		}
+		j := c.join(req)
+		select {
+		case <-j.started:
+		case <-j.done:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("wait for fill of %s: %w", req.Digest, ctx.Err())
+		}
+		c.mu.Lock()
+		if c.jobs[req.Digest] == j && j.p != nil {
+			j.p.Retain()
+			c.mu.Unlock()
+			return &partialBlob{p: j.p, ctx: ctx}, nil
+		}
+		c.mu.Unlock()
+		<-j.done
+		if j.err != nil {
+			return nil, j.err
+		}
+	}
+	return nil, fmt.Errorf("blob %s was filled but is not in the store", req.Digest)
+}
+
+// join returns the running fill for the blob or starts one.
+func (c *Cache) join(req registryproxy.BlobRequest) *job {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if j, ok := c.jobs[req.Digest]; ok {
+		return j
+	}
+	j := &job{started: make(chan struct{}), done: make(chan struct{})}
+	c.jobs[req.Digest] = j
+	c.wg.Add(1)
+	go c.run(j, req)
+	return j
+}
+
+func (c *Cache) run(j *job, req registryproxy.BlobRequest) {
+	defer c.wg.Done()
+	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-c.closing:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	start := time.Now()
+	err := c.filler.Fill(ctx, req, func(p *store.Partial) {
+		c.mu.Lock()
+		p.Retain() // the job's own reference, dropped when it ends
+		j.p = p
+		c.mu.Unlock()
+		close(j.started)
+	})
+	c.mu.Lock()
+	delete(c.jobs, req.Digest)
+	j.err = err
+	p := j.p
+	c.mu.Unlock()
+	if p != nil {
+		p.Release()
+	}
+	close(j.done)
+	if err != nil {
+		c.log.Warn("blob fill failed", zap.String("digest", req.Digest), zap.String("registry", req.Registry.Host),
+			zap.String("repo", req.Repo), zap.Duration("elapsed", time.Since(start)), zap.Error(err))
+	}
+}
+
+// Close cancels running fills and waits for them to end; their partial
+// blobs stay on disk to be resumed.
+func (c *Cache) Close() {
+	c.closed.Do(func() { close(c.closing) })
+	c.wg.Wait()
+}
+
+type fileBlob struct {
+	f    *os.File
+	size int64
+}
+
+func (b *fileBlob) ReadAt(p []byte, off int64) (int, error) { return b.f.ReadAt(p, off) }
+func (b *fileBlob) Size() int64                             { return b.size }
+func (b *fileBlob) Close() error                            { return b.f.Close() }
+func (b *fileBlob) File() *os.File                          { return b.f }
+
+// partialBlob streams a blob that is still being filled. The context is
+// the client's request: a reader waits no longer than its client does.
+type partialBlob struct {
+	p   *store.Partial
+	ctx context.Context
+}
+
+func (b *partialBlob) ReadAt(p []byte, off int64) (int, error) { return b.p.ReadAt(b.ctx, p, off) }
+func (b *partialBlob) Size() int64                             { return b.p.Size() }
+func (b *partialBlob) Close() error                            { b.p.Release(); return nil }

@@ -1,0 +1,154 @@
+// Package config loads a command's settings: defaults, then a YAML file
+// (given by --config), then command-line flags, each overriding the last.
+// Every flag is also a YAML key of the same name.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Load fills cfg from the YAML file named by --config in args (if any) and
+// then from the flags that bind registers on fs (bound to cfg's fields, so
+// that file values become the flags' defaults).
+func Load(fs *flag.FlagSet, args []string, cfg any, bind func(fs *flag.FlagSet)) error {
+	path := findConfigFlag(args)
+	if path != "" {
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("read config: %w", err)
+		}
+		dec := yaml.NewDecoder(bytes.NewReader(raw))
+		dec.KnownFields(true)
+		if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("parse config %s: %w", path, err)
+		}
+	}
+	fs.String("config", path, "YAML file with settings; flags override it")
+	bind(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	return nil
+}
+
+func findConfigFlag(args []string) string {
+	for i, a := range args {
+		if a == "--" {
+			break
+		}
+		for _, name := range []string{"-config", "--config"} {
+			if a == name && i+1 < len(args) {
+				return args[i+1]
+			}
+			if v, ok := strings.CutPrefix(a, name+"="); ok {
+				return v
+			}
+		}
+	}
+	return ""
+}
+
+// Strings is a repeatable flag; a flag on the command line replaces the
+// list from the file rather than adding to it.
+type Strings struct {
+	Values []string
+	set    bool
+}
+
+func (s *Strings) String() string { return strings.Join(s.Values, ",") }
+
+// Set implements flag.Value.
+func (s *Strings) Set(v string) error {
+	if !s.set {
+		s.Values, s.set = nil, true
+	}
+	s.Values = append(s.Values, v)
+	return nil
+}
+
+// UnmarshalYAML accepts a list or a single string.
+func (s *Strings) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.ScalarNode {
+		s.Values = []string{n.Value}
+		return nil
+	}
+	return n.Decode(&s.Values)
+}
+
+// Bytes is a byte count written as 1048576, 512KiB, 4MiB, 10GB, ...
+type Bytes int64
+
+var units = []struct {
+	suffix string
+	mult   int64
+}{
+	{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
+	{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12},
+	{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"B", 1},
+}
+
+// ParseBytes parses a byte count with an optional unit.
+func ParseBytes(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	mult := int64(1)
+	for _, u := range units {
+		if rest, ok := strings.CutSuffix(t, u.suffix); ok {
+			t, mult = strings.TrimSpace(rest), u.mult
+			break
+		}
+	}
+	if f, err := strconv.ParseFloat(t, 64); err == nil && f >= 0 && t != "" {
+		v := f * float64(mult)
+		if v > 1<<62 {
+			return 0, fmt.Errorf("byte count %q too large", s)
+		}
+		return int64(v), nil
+	}
+	return 0, fmt.Errorf("invalid byte count %q (want e.g. 1048576, 512KiB, 4MiB)", s)
+}
+
+func (b *Bytes) String() string { return strconv.FormatInt(int64(*b), 10) }
+
+// Set implements flag.Value.
+func (b *Bytes) Set(v string) error {
+	n, err := ParseBytes(v)
+	if err != nil {
+		return err
+	}
+	*b = Bytes(n)
+	return nil
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler.
+func (b *Bytes) UnmarshalYAML(n *yaml.Node) error { return b.Set(n.Value) }
+
+// Duration is a time.Duration written as in Go ("30s", "5m").
+type Duration time.Duration
+
+func (d *Duration) String() string { return time.Duration(*d).String() }
+
+// Set implements flag.Value.
+func (d *Duration) Set(v string) error {
+	t, err := time.ParseDuration(v)
+	if err != nil {
+		return fmt.Errorf("invalid duration %q: %w", v, err)
+	}
+	*d = Duration(t)
+	return nil
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error { return d.Set(n.Value) }

@@ -1,0 +1,352 @@
+// Package registryproxy is the containerd-facing side of an agent: the OCI
+// distribution read API served as a pull-through mirror. It resolves tags
+// upstream, caches manifests by digest and gets blob bytes from a
+// BlobSource. It knows nothing of peers or pieces.
+package registryproxy
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/starling-oci/starling/pkg/ocierr"
+	"github.com/starling-oci/starling/pkg/store"
+	"github.com/starling-oci/starling/pkg/upstream"
+)
+
+// BlobRequest names a blob and carries what is needed to fetch it upstream.
+type BlobRequest struct {
+	Registry upstream.Registry
+	Repo     string
+	Digest   string
+	// Authorization is the client's header, forwarded when fetching.
+	Authorization string
+}
+
+// Blob is an open blob. ReadAt waits for bytes that are still in flight.
+type Blob interface {
+	io.ReaderAt
+	Size() int64
+	Close() error
+}
+
+// FileBlob is a Blob backed by a complete file; the proxy sends it with
+// sendfile when it can.
+type FileBlob interface {
+	Blob
+	File() *os.File
+}
+
+// BlobSource supplies blob bytes.
+type BlobSource interface {
+	OpenBlob(ctx context.Context, req BlobRequest) (Blob, error)
+}
+
+// ManifestCache keeps manifests by digest and the last digest of each tag.
+type ManifestCache interface {
+	PutManifest(digest string, m store.Manifest) error
+	Manifest(digest string) (store.Manifest, error)
+	PutTag(registry, repo, tag, digest string) error
+	Tag(registry, repo, tag string) (string, error)
+}
+
+// Config wires a Proxy.
+type Config struct {
+	Registries *upstream.Set
+	Upstream   *upstream.Client
+	Manifests  ManifestCache
+	Blobs      BlobSource
+	// AuthTTL is how long a client's successful upstream access to a
+	// repository lets it read cached content without asking upstream again.
+	// Negative disables the check (anyone who reaches the mirror may read
+	// anything it has cached).
+	AuthTTL time.Duration
+	Log     *zap.Logger
+	Now     func() time.Time
+}
+
+// Proxy is the mirror's HTTP handler.
+type Proxy struct {
+	cfg    Config
+	access *accessCache
+	log    *zap.Logger
+}
+
+// maxManifestBytes follows the distribution spec's recommended limit.
+const maxManifestBytes = 4 << 20
+
+// New builds a Proxy.
+func New(cfg Config) *Proxy {
+	now := cfg.Now
+	if now == nil {
+		now = time.Now
+	}
+	return &Proxy{cfg: cfg, access: newAccessCache(cfg.AuthTTL, now), log: cfg.Log}
+}
+
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	sw := &statusWriter{ResponseWriter: w}
+	err := p.serve(sw, r)
+	if err != nil {
+		ocierr.Write(sw, r, err)
+	}
+	fields := []zap.Field{
+		zap.String("method", r.Method), zap.String("path", r.URL.Path), zap.String("ns", r.URL.Query().Get("ns")),
+		zap.Int("status", sw.status), zap.Int64("bytes", sw.bytes), zap.Duration("elapsed", time.Since(start)),
+	}
+	if err != nil {
+		fields = append(fields, zap.Error(err))
+	}
+	p.log.Debug("request", fields...)
+}
+
+func (p *Proxy) serve(w http.ResponseWriter, r *http.Request) error {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		return ocierr.New(http.StatusMethodNotAllowed, ocierr.Unsupported, "this mirror is read-only")
+	}
+	route, err := ParseRoute(r.URL.Path)
+	if err != nil {
+		return err
+	}
+	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+	if route.Kind == KindBase {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", "2")
+		if r.Method == http.MethodGet {
+			_, _ = io.WriteString(w, "{}")
+		}
+		return nil
+	}
+	ns := r.URL.Query().Get("ns")
+	reg, ok := p.cfg.Registries.Lookup(ns)
+	if !ok {
+		return ocierr.New(http.StatusForbidden, ocierr.Denied, "registry %q is not mirrored here", ns)
+	}
+	if route.Kind == KindManifest {
+		return p.serveManifest(w, r, reg, route)
+	}
+	return p.serveBlob(w, r, reg, route)
+}
+
+func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstream.Registry, route Route) error {
+	authz := r.Header.Get("Authorization")
+	key := accessKey(reg.Host, route.Repo, authz)
+	if route.IsDigest() {
+		if m, err := p.cfg.Manifests.Manifest(route.Ref); err == nil {
+			if err := p.authorize(r.Context(), reg, route, "manifests/"+route.Ref, key, authz); err != nil {
+				return err
+			}
+			return writeManifest(w, r, route.Ref, m)
+		}
+	}
+	hdr := http.Header{}
+	for _, a := range r.Header.Values("Accept") {
+		hdr.Add("Accept", a)
+	}
+	resp, err := p.cfg.Upstream.Do(r.Context(), upstream.Request{
+		Registry: reg, Repo: route.Repo, Method: r.Method, Path: "manifests/" + route.Ref,
+		Authorization: authz, Header: hdr,
+	})
+	if err != nil {
+		if !route.IsDigest() && upstream.IsUnavailable(err) {
+			if served := p.serveStaleTag(w, r, reg, route, key, err); served {
+				return nil
+			}
+		}
+		return err
+	}
+	defer resp.Body.Close()
+	p.access.allow(key)
+	if r.Method == http.MethodHead {
+		for _, h := range []string{"Content-Type", "Content-Length", "Docker-Content-Digest"} {
+			if v := resp.Header.Get(h); v != "" {
+				w.Header().Set(h, v)
+			}
+		}
+		w.WriteHeader(http.StatusOK)
+		return nil
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxManifestBytes+1))
+	if err != nil {
+		return ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "read manifest from upstream: %v", err)
+	}
+	if len(body) > maxManifestBytes {
+		return ocierr.New(http.StatusBadGateway, ocierr.ManifestInvalid, "upstream manifest exceeds %d bytes", maxManifestBytes)
+	}
+	sum := sha256.Sum256(body)
+	digest := "sha256:" + hex.EncodeToString(sum[:])
+	if route.IsDigest() && digest != route.Ref {
+		return ocierr.New(http.StatusBadGateway, ocierr.ManifestInvalid, "upstream manifest hashes to %s, not %s", digest, route.Ref)
+	}
+	m := store.Manifest{MediaType: resp.Header.Get("Content-Type"), Body: body}
+	if err := p.cfg.Manifests.PutManifest(digest, m); err != nil {
+		p.log.Warn("cache manifest", zap.String("digest", digest), zap.Error(err))
+	} else if !route.IsDigest() {
+		if err := p.cfg.Manifests.PutTag(reg.Host, route.Repo, route.Ref, digest); err != nil {
+			p.log.Warn("remember tag", zap.String("tag", route.Ref), zap.Error(err))
+		}
+	}
+	return writeManifest(w, r, digest, m)
+}
+
+// serveStaleTag answers a tag from cache while the upstream is down, for a
+// client that upstream let read the repository before.
+func (p *Proxy) serveStaleTag(w http.ResponseWriter, r *http.Request, reg upstream.Registry, route Route, key string, cause error) bool {
+	digest, err := p.cfg.Manifests.Tag(reg.Host, route.Repo, route.Ref)
+	if err != nil {
+		return false
+	}
+	m, err := p.cfg.Manifests.Manifest(digest)
+	if err != nil || (p.cfg.AuthTTL >= 0 && !p.access.allowedStale(key)) {
+		return false
+	}
+	p.log.Warn("upstream unavailable: serving tag from cache", zap.String("registry", reg.Host),
+		zap.String("repo", route.Repo), zap.String("tag", route.Ref), zap.String("digest", digest), zap.Error(cause))
+	_ = writeManifest(w, r, digest, m)
+	return true
+}
+
+func writeManifest(w http.ResponseWriter, r *http.Request, digest string, m store.Manifest) error {
+	h := w.Header()
+	if m.MediaType != "" {
+		h.Set("Content-Type", m.MediaType)
+	}
+	h.Set("Docker-Content-Digest", digest)
+	h.Set("Content-Length", strconv.Itoa(len(m.Body)))
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodGet {
+		_, _ = w.Write(m.Body)
+	}
+	return nil
+}
+
+// authorize lets a request read cached content only if upstream let this
+// client (same Authorization) read the repository recently; otherwise it
+// asks upstream with a HEAD of the same object.
+func (p *Proxy) authorize(ctx context.Context, reg upstream.Registry, route Route, path, key, authz string) error {
+	if p.cfg.AuthTTL < 0 || p.access.allowed(key) {
+		return nil
+	}
+	resp, err := p.cfg.Upstream.Do(ctx, upstream.Request{Registry: reg, Repo: route.Repo, Method: http.MethodHead, Path: path, Authorization: authz})
+	if err != nil {
+		if upstream.IsUnavailable(err) && p.access.allowedStale(key) {
+			return nil
+		}
+		var oe *ocierr.Error
+		if errors.As(err, &oe) {
+			return err
+		}
+		return ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "check access upstream: %v", err)
+	}
+	resp.Body.Close()
+	p.access.allow(key)
+	return nil
+}
+
+func (p *Proxy) serveBlob(w http.ResponseWriter, r *http.Request, reg upstream.Registry, route Route) error {
+	authz := r.Header.Get("Authorization")
+	if err := p.authorize(r.Context(), reg, route, "blobs/"+route.Ref, accessKey(reg.Host, route.Repo, authz), authz); err != nil {
+		return err
+	}
+	blob, err := p.cfg.Blobs.OpenBlob(r.Context(), BlobRequest{Registry: reg, Repo: route.Repo, Digest: route.Ref, Authorization: authz})
+	if err != nil {
+		var oe *ocierr.Error
+		if errors.As(err, &oe) {
+			return err
+		}
+		if errors.Is(err, upstream.ErrUnreachable) {
+			return ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "upstream %s unreachable", reg.Host)
+		}
+		if r.Context().Err() != nil {
+			return ocierr.New(499, ocierr.Unknown, "client went away")
+		}
+		p.log.Warn("open blob", zap.String("digest", route.Ref), zap.Error(err))
+		return ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "blob could not be fetched")
+	}
+	defer blob.Close()
+
+	size := blob.Size()
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Docker-Content-Digest", route.Ref)
+	h.Set("Accept-Ranges", "bytes")
+	h.Set("Etag", `"`+route.Ref+`"`)
+	rng, partial, err := ParseRange(r.Header.Get("Range"), size)
+	if err != nil {
+		h.Set("Content-Range", fmt.Sprintf("bytes */%d", size))
+		return ocierr.New(http.StatusRequestedRangeNotSatisfiable, ocierr.RangeInvalid, "%v", err)
+	}
+	status := http.StatusOK
+	if !partial {
+		rng = ByteRange{Start: 0, End: size - 1}
+	} else {
+		status = http.StatusPartialContent
+		h.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", rng.Start, rng.End, size))
+	}
+	h.Set("Content-Length", strconv.FormatInt(rng.Len(), 10))
+	w.WriteHeader(status)
+	if r.Method == http.MethodHead || rng.Len() == 0 {
+		return nil
+	}
+	if err := copyRange(w, blob, rng); err != nil {
+		// Headers are gone; the short body makes the client see the failure.
+		p.log.Warn("blob response cut short", zap.String("digest", route.Ref), zap.Error(err))
+	}
+	return nil
+}
+
+// copyRange streams the range, with sendfile for complete files.
+func copyRange(w io.Writer, blob Blob, rng ByteRange) error {
+	if fb, ok := blob.(FileBlob); ok {
+		f := fb.File()
+		if _, err := f.Seek(rng.Start, io.SeekStart); err != nil {
+			return fmt.Errorf("seek blob: %w", err)
+		}
+		_, err := io.CopyN(w, f, rng.Len())
+		return err
+	}
+	_, err := io.Copy(w, io.NewSectionReader(blob, rng.Start, rng.Len()))
+	return err
+}
+
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+	bytes  int64
+}
+
+func (s *statusWriter) WriteHeader(code int) {
+	if s.status == 0 {
+		s.status = code
+	}
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusWriter) Write(b []byte) (int, error) {
+	if s.status == 0 {
+		s.status = http.StatusOK
+	}
+	n, err := s.ResponseWriter.Write(b)
+	s.bytes += int64(n)
+	return n, err
+}
+
+// ReadFrom keeps sendfile working through the wrapper.
+func (s *statusWriter) ReadFrom(r io.Reader) (int64, error) {
+	if s.status == 0 {
+		s.status = http.StatusOK
+	}
+	n, err := io.Copy(s.ResponseWriter, r)
+	s.bytes += n
+	return n, err
+}
