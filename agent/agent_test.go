@@ -491,4 +491,3 @@ func must[T any](v T, err error) T {
 	}
 	return v
 }
-
