@@ -378,6 +378,7 @@ func (p *Partial) ReadAt(ctx context.Context, b []byte, off int64) (int, error) 
 		if registered < 0 {
 			registered = p.firstMissing(off, want)
 			p.waiting[registered]++
+			p.notify() // the swarm re-plans around the reader's position
 		}
 		ch := p.changed
 		p.unlock()

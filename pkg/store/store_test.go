@@ -1,0 +1,271 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+)
+
+const pieceSize = 64 << 10
+
+func blobOf(t *testing.T, n int) ([]byte, string) {
+	t.Helper()
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	return b, "sha256:" + hex.EncodeToString(sum[:])
+}
+
+func open(t *testing.T, dir string, quota int64, now func() time.Time) *Store {
+	t.Helper()
+	s, err := Open(Options{Dir: dir, QuotaBytes: quota, Now: now}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func readAll(t *testing.T, s *Store, digest string) []byte {
+	t.Helper()
+	f, size, err := s.Open(digest)
+	if err != nil {
+		t.Fatalf("open %s: %v", digest, err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(f)
+	if err != nil || int64(len(b)) != size {
+		t.Fatalf("read %s: %d of %d bytes, %v", digest, len(b), size, err)
+	}
+	return b
+}
+
+func TestAppendCommitServe(t *testing.T) {
+	s := open(t, t.TempDir(), 0, nil)
+	defer s.Close()
+	blob, digest := blobOf(t, 3*pieceSize+123)
+	p, err := s.OpenPartial(digest, int64(len(blob)), pieceSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Append(bytes.NewReader(blob), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	p.Release()
+	if !bytes.Equal(readAll(t, s, digest), blob) {
+		t.Fatal("served bytes differ")
+	}
+	if s.Used() != int64(len(blob)) {
+		t.Fatalf("used %d, want %d", s.Used(), len(blob))
+	}
+}
+
+// A restart resumes from the pieces recorded as durable.
+func TestResumeAfterRestart(t *testing.T) {
+	dir := t.TempDir()
+	blob, digest := blobOf(t, 4*pieceSize+10)
+	s := open(t, dir, 0, nil)
+	p, err := s.OpenPartial(digest, int64(len(blob)), pieceSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range []int{0, 1, 3} {
+		if err := p.WritePiece(i, blob[i*pieceSize:(i+1)*pieceSize]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p.Release()
+	s.Close()
+
+	s = open(t, dir, 0, nil)
+	defer s.Close()
+	size, ps, ok := s.Pending(digest)
+	if !ok || size != int64(len(blob)) || ps != pieceSize {
+		t.Fatalf("Pending = %d, %d, %v", size, ps, ok)
+	}
+	p, err = s.OpenPartial(digest, size, ps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Release()
+	if have := p.Have(); have.Count() != 3 || !have.Has(3) || have.Has(2) {
+		t.Fatalf("resumed with %d pieces", have.Count())
+	}
+	if off := p.Offset(); off != 2*pieceSize {
+		t.Fatalf("resume offset %d, want %d", off, 2*pieceSize)
+	}
+	if err := p.Append(bytes.NewReader(blob[2*pieceSize:]), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(readAll(t, s, digest), blob) {
+		t.Fatal("resumed blob differs")
+	}
+}
+
+// Bytes that do not match the digest are never served whole: the reader
+// of the last byte gets an error, and nothing is left in the store.
+func TestDigestMismatchIsNeverServed(t *testing.T) {
+	s := open(t, t.TempDir(), 0, nil)
+	defer s.Close()
+	blob, digest := blobOf(t, 2*pieceSize)
+	bad := append([]byte(nil), blob...)
+	bad[len(bad)-1] ^= 0xff
+	p, err := s.OpenPartial(digest, int64(len(blob)), pieceSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Release()
+	readErr := make(chan error, 1)
+	go func() {
+		buf := make([]byte, len(blob))
+		_, err := p.ReadAt(context.Background(), buf, 0)
+		readErr <- err
+	}()
+	if err := p.Append(bytes.NewReader(bad), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Commit(); !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("commit: %v, want digest mismatch", err)
+	}
+	if err := <-readErr; !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("reader got %v, want digest mismatch", err)
+	}
+	if _, _, err := s.Open(digest); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("open after mismatch: %v", err)
+	}
+	if _, _, ok := s.Pending(digest); ok {
+		t.Fatal("bad partial still recorded")
+	}
+	hexd, _ := hexOf(digest)
+	if _, err := os.Stat(s.partialPath(hexd)); !os.IsNotExist(err) {
+		t.Fatalf("bad partial file still on disk: %v", err)
+	}
+}
+
+func TestReaderWaitsForPieces(t *testing.T) {
+	s := open(t, t.TempDir(), 0, nil)
+	defer s.Close()
+	blob, digest := blobOf(t, 3*pieceSize)
+	p, err := s.OpenPartial(digest, int64(len(blob)), pieceSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Release()
+	got := make(chan []byte, 1)
+	go func() {
+		buf := make([]byte, 100)
+		if _, err := p.ReadAt(context.Background(), buf, pieceSize+10); err != nil {
+			t.Error(err)
+		}
+		got <- buf
+	}()
+	// The reader is blocked on piece 1 until it is written.
+	for {
+		ch := p.Changed()
+		if p.Waiting() == 1 {
+			break
+		}
+		<-ch
+	}
+	if err := p.WritePiece(1, blob[pieceSize:2*pieceSize]); err != nil {
+		t.Fatal(err)
+	}
+	if b := <-got; !bytes.Equal(b, blob[pieceSize+10:pieceSize+110]) {
+		t.Fatal("reader got wrong bytes")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := p.ReadAt(ctx, make([]byte, 10), 0); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled reader: %v", err)
+	}
+}
+
+// Recovery trusts files in blobs/ (only verified blobs are renamed there)
+// and drops records whose files are gone and partial files with no record.
+func TestRecoveryReconcilesFilesAndRecords(t *testing.T) {
+	dir := t.TempDir()
+	blob, digest := blobOf(t, pieceSize)
+	s := open(t, dir, 0, nil)
+	p, _ := s.OpenPartial(digest, int64(len(blob)), pieceSize)
+	if err := p.Append(bytes.NewReader(blob), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	p.Release()
+	_, gone := blobOf(t, 10)
+	goneP, _ := s.OpenPartial(gone, 10, pieceSize)
+	goneP.Release()
+	s.Close()
+
+	hexGone, _ := hexOf(gone)
+	os.Remove(filepath.Join(dir, "partial", "sha256", hexGone))
+	stray := filepath.Join(dir, "partial", "sha256", "ff"+hexGone[2:])
+	os.WriteFile(stray, []byte("junk"), 0o644)
+
+	s = open(t, dir, 0, nil)
+	defer s.Close()
+	if !bytes.Equal(readAll(t, s, digest), blob) {
+		t.Fatal("complete blob lost in recovery")
+	}
+	if _, _, ok := s.Pending(gone); ok {
+		t.Fatal("record of a vanished partial survived recovery")
+	}
+	if _, err := os.Stat(stray); !os.IsNotExist(err) {
+		t.Fatal("stray partial file survived recovery")
+	}
+}
+
+func TestEvictsLeastRecentlyUsed(t *testing.T) {
+	now := time.Unix(1_000_000, 0)
+	clock := func() time.Time { return now }
+	s := open(t, t.TempDir(), 2*pieceSize, clock)
+	defer s.Close()
+	var digests []string
+	for i := range 3 {
+		blob, digest := blobOf(t, pieceSize)
+		p, _ := s.OpenPartial(digest, pieceSize, pieceSize)
+		if err := p.Append(bytes.NewReader(blob), nil); err != nil {
+			t.Fatal(err)
+		}
+		if i == 2 {
+			// Touch the first blob so that the second is the oldest.
+			now = now.Add(time.Hour)
+			f, _, err := s.Open(digests[0])
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+		}
+		if err := p.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		p.Release()
+		digests = append(digests, digest)
+		now = now.Add(time.Minute)
+	}
+	if s.Has(digests[1]) || !s.Has(digests[0]) || !s.Has(digests[2]) {
+		t.Fatalf("after eviction: has = %v %v %v, want true false true", s.Has(digests[0]), s.Has(digests[1]), s.Has(digests[2]))
+	}
+	if s.Used() > 2*pieceSize {
+		t.Fatalf("used %d over quota", s.Used())
+	}
+}
