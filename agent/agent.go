@@ -14,10 +14,17 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+
 	"github.com/starling-oci/starling/agent/blobcache"
+	"github.com/starling-oci/starling/agent/swarm"
 	"github.com/starling-oci/starling/pkg/addrfile"
 	"github.com/starling-oci/starling/pkg/config"
+	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/piece"
+	"github.com/starling-oci/starling/pkg/pieceserver"
+	"github.com/starling-oci/starling/pkg/ratelimit"
 	"github.com/starling-oci/starling/pkg/store"
 	"github.com/starling-oci/starling/pkg/upstream"
 	"github.com/starling-oci/starling/registryproxy"
@@ -35,6 +42,17 @@ type Config struct {
 	FetchTimeout config.Duration `yaml:"fetch-timeout"`
 	LogLevel     string          `yaml:"log-level"`
 	AddrFile     string          `yaml:"addr-file"`
+
+	// P2P: with no supernode the agent is a plain caching mirror.
+	Supernodes   config.Strings  `yaml:"supernode"`
+	P2PListen    config.Strings  `yaml:"p2p-listen"`
+	Identity     string          `yaml:"identity"`
+	SwarmKey     string          `yaml:"swarm-key"`
+	UploadRate   config.Bytes    `yaml:"upload-rate"`
+	DownloadRate config.Bytes    `yaml:"download-rate"`
+	MaxUploads   int             `yaml:"max-uploads"`
+	MaxInflight  int             `yaml:"max-inflight"`
+	StallTimeout config.Duration `yaml:"stall-timeout"`
 }
 
 // DefaultConfig returns the defaults.
@@ -46,6 +64,10 @@ func DefaultConfig() Config {
 		PieceSize:    config.Bytes(piece.DefaultSize),
 		FetchTimeout: config.Duration(30 * time.Minute),
 		LogLevel:     "info",
+		P2PListen:    config.Strings{Values: []string{"/ip4/0.0.0.0/tcp/4002"}},
+		MaxUploads:   8,
+		MaxInflight:  8,
+		StallTimeout: config.Duration(15 * time.Second),
 	}
 }
 
@@ -61,6 +83,15 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.Var(&c.FetchTimeout, "fetch-timeout", "upper bound on one blob fetch")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&c.AddrFile, "addr-file", c.AddrFile, "write the bound addresses as JSON to this file once listening (for tests and scripts)")
+	fs.Var(&c.Supernodes, "supernode", "supernode multiaddr with /p2p/<id> (repeatable; each blob's owner is chosen by rendezvous hashing); none = no P2P")
+	fs.Var(&c.P2PListen, "p2p-listen", "libp2p listen multiaddr (repeatable)")
+	fs.StringVar(&c.Identity, "identity", c.Identity, "identity key file (created if absent); empty = new identity each start")
+	fs.StringVar(&c.SwarmKey, "swarm-key", c.SwarmKey, "pre-shared swarm key file, the same on every node")
+	fs.Var(&c.UploadRate, "upload-rate", "upload cap to peers in bytes/s, e.g. 50MiB (0 = unlimited)")
+	fs.Var(&c.DownloadRate, "download-rate", "download cap from peers and upstream in bytes/s (0 = unlimited)")
+	fs.IntVar(&c.MaxUploads, "max-uploads", c.MaxUploads, "concurrent piece uploads to peers")
+	fs.IntVar(&c.MaxInflight, "max-inflight", c.MaxInflight, "concurrent piece downloads per blob (each holds one piece in memory)")
+	fs.Var(&c.StallTimeout, "stall-timeout", "go back to the upstream registry when the swarm completes no piece for this long")
 }
 
 // Validate checks the configuration.
@@ -79,9 +110,12 @@ func (c *Config) Validate() error {
 
 // Agent is a running agent's parts.
 type Agent struct {
-	store *store.Store
-	cache *blobcache.Cache
-	mux   *http.ServeMux
+	store  *store.Store
+	cache  *blobcache.Cache
+	mux    *http.ServeMux
+	host   host.Host // nil without supernodes
+	origin *blobcache.Origin
+	swarm  *swarm.Swarm
 }
 
 // New builds an agent from its configuration; Close releases it.
@@ -101,8 +135,20 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	origin := &blobcache.Origin{Store: st, Upstream: up, PieceSize: int64(cfg.PieceSize), Log: log.Named("origin")}
-	cache := blobcache.New(st, origin, time.Duration(cfg.FetchTimeout), log.Named("cache"))
+	download := ratelimit.New(int64(cfg.DownloadRate))
+	origin := &blobcache.Origin{Store: st, Upstream: up, PieceSize: int64(cfg.PieceSize), Download: download, Log: log.Named("origin")}
+	a := &Agent{store: st, origin: origin}
+	var filler blobcache.Filler = origin
+	if len(cfg.Supernodes.Values) > 0 {
+		sw, h, err := newSwarm(cfg, st, origin, download, log)
+		if err != nil {
+			st.Close()
+			return nil, err
+		}
+		a.host, a.swarm, filler = h, sw, sw
+	}
+	cache := blobcache.New(st, filler, time.Duration(cfg.FetchTimeout), log.Named("cache"))
+	a.cache = cache
 	proxy := registryproxy.New(registryproxy.Config{
 		Registries: regs, Upstream: up, Manifests: st, Blobs: cache,
 		AuthTTL: time.Duration(cfg.AuthTTL), Log: log.Named("proxy"),
@@ -110,7 +156,64 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/v2/", proxy)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
-	return &Agent{store: st, cache: cache, mux: mux}, nil
+	mux.HandleFunc("/metrics", a.serveMetrics)
+	a.mux = mux
+	return a, nil
+}
+
+func newSwarm(cfg Config, st *store.Store, origin *blobcache.Origin, download *ratelimit.Limiter, log *zap.Logger) (*swarm.Swarm, host.Host, error) {
+	var supernodes []peer.AddrInfo
+	for _, s := range cfg.Supernodes.Values {
+		ai, err := p2p.ParsePeerAddr(s)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--supernode %q: %w", s, err)
+		}
+		supernodes = append(supernodes, ai)
+	}
+	h, err := p2p.NewHost(p2p.Config{ListenAddrs: cfg.P2PListen.Values, IdentityFile: cfg.Identity, SwarmKeyFile: cfg.SwarmKey}, log.Named("p2p"))
+	if err != nil {
+		return nil, nil, err
+	}
+	pieceserver.NewServer(st, ratelimit.New(int64(cfg.UploadRate)), cfg.MaxUploads, log.Named("pieces")).Register(h)
+	sw := swarm.New(swarm.Config{
+		Supernodes: supernodes, MaxInflight: cfg.MaxInflight, StallTimeout: time.Duration(cfg.StallTimeout), Download: download,
+	}, h, st, origin, log.Named("swarm"))
+	return sw, h, nil
+}
+
+// P2PAddrs returns the agent's dialable libp2p addresses (none without P2P).
+func (a *Agent) P2PAddrs() []string {
+	if a.host == nil {
+		return nil
+	}
+	return p2p.FullAddrs(a.host)
+}
+
+// Stats are the agent's byte counters.
+type Stats struct {
+	FromUpstream int64 `json:"from_upstream"`
+	FromPeers    int64 `json:"from_peers"`
+	FromSeed     int64 `json:"from_seed"`
+}
+
+// Stats returns where the agent's blob bytes came from.
+func (a *Agent) Stats() Stats {
+	s := Stats{FromUpstream: a.origin.BytesFromUpstream()}
+	if a.swarm != nil {
+		s.FromPeers, s.FromSeed = a.swarm.BytesFromPeers(), a.swarm.BytesFromSeed()
+	}
+	return s
+}
+
+// serveMetrics writes the counters in Prometheus text format.
+func (a *Agent) serveMetrics(w http.ResponseWriter, _ *http.Request) {
+	s := a.Stats()
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+	fmt.Fprintf(w, "# TYPE starling_blob_bytes_total counter\n")
+	fmt.Fprintf(w, "starling_blob_bytes_total{source=\"upstream\"} %d\n", s.FromUpstream)
+	fmt.Fprintf(w, "starling_blob_bytes_total{source=\"peers\"} %d\n", s.FromPeers)
+	fmt.Fprintf(w, "starling_blob_bytes_total{source=\"seed\"} %d\n", s.FromSeed)
+	fmt.Fprintf(w, "# TYPE starling_cache_used_bytes gauge\nstarling_cache_used_bytes %d\n", a.store.Used())
 }
 
 // Handler is the mirror's HTTP handler.
@@ -120,7 +223,11 @@ func (a *Agent) Handler() http.Handler { return a.mux }
 // closes the store.
 func (a *Agent) Close() error {
 	a.cache.Close()
-	return a.store.Close()
+	var err error
+	if a.host != nil {
+		err = a.host.Close()
+	}
+	return errors.Join(err, a.store.Close())
 }
 
 // Run serves until ctx ends.
@@ -135,9 +242,10 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
 	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second}
-	log.Info("mirror listening", zap.String("addr", ln.Addr().String()), zap.Strings("registries", cfg.Registries.Values))
+	log.Info("mirror listening", zap.String("addr", ln.Addr().String()), zap.Strings("registries", cfg.Registries.Values),
+		zap.Strings("p2p", a.P2PAddrs()), zap.Strings("supernodes", cfg.Supernodes.Values))
 	if cfg.AddrFile != "" {
-		if err := addrfile.Write(cfg.AddrFile, addrfile.Addrs{Mirror: ln.Addr().String()}); err != nil {
+		if err := addrfile.Write(cfg.AddrFile, addrfile.Addrs{Mirror: ln.Addr().String(), P2P: a.P2PAddrs()}); err != nil {
 			ln.Close()
 			return err
 		}

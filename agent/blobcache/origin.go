@@ -8,11 +8,14 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
+	"github.com/ipfs/go-cid"
 	"go.uber.org/zap"
 
 	"github.com/starling-oci/starling/pkg/piece"
+	"github.com/starling-oci/starling/pkg/ratelimit"
 	"github.com/starling-oci/starling/pkg/store"
 	"github.com/starling-oci/starling/pkg/upstream"
 	"github.com/starling-oci/starling/registryproxy"
@@ -24,7 +27,11 @@ type Origin struct {
 	Store     *store.Store
 	Upstream  *upstream.Client
 	PieceSize int64
-	Log       *zap.Logger
+	// Download paces upstream reads (nil: unlimited).
+	Download *ratelimit.Limiter
+	Log      *zap.Logger
+
+	fromUpstream atomic.Int64
 }
 
 var _ Filler = (*Origin)(nil)
@@ -90,7 +97,11 @@ func (o *Origin) fetch(ctx context.Context, req registryproxy.BlobRequest, start
 			return p, fmt.Errorf("resume %s: %w", req.Digest, err)
 		}
 	}
-	if err := p.Append(body, nil); err != nil {
+	body = o.Download.Reader(ctx, body)
+	before := p.Offset()
+	err = p.Append(body, nil)
+	o.fromUpstream.Add(p.Offset() - before)
+	if err != nil {
 		return p, fmt.Errorf("fetch %s from %s: %w", req.Digest, req.Registry.Host, err)
 	}
 	return p, nil
@@ -113,3 +124,68 @@ func skipTo(resp *http.Response, off int64) (io.Reader, error) {
 	}
 	return resp.Body, nil
 }
+
+// FetchPieces fills the pieces a partial blob still lacks straight from
+// upstream with Range requests, one run of missing pieces at a time. Each
+// piece is checked against its CID when cids has it; the blob digest is
+// checked at commit in any case. This is the swarm's back-to-source path.
+func (o *Origin) FetchPieces(ctx context.Context, req registryproxy.BlobRequest, p *store.Partial, cids []cid.Cid) error {
+	have := p.Have()
+	n := have.Len()
+	buf := make([]byte, p.PieceSize())
+	for i := 0; i < n; {
+		if have.Has(i) {
+			i++
+			continue
+		}
+		j := i
+		for j < n && !have.Has(j) {
+			j++
+		}
+		first, _ := piece.Bounds(i, p.Size(), p.PieceSize())
+		lastOff, lastLen := piece.Bounds(j-1, p.Size(), p.PieceSize())
+		hdr := http.Header{}
+		hdr.Set("Range", fmt.Sprintf("bytes=%d-%d", first, lastOff+lastLen-1))
+		resp, err := o.Upstream.Do(ctx, upstream.Request{
+			Registry: req.Registry, Repo: req.Repo, Method: http.MethodGet, Path: "blobs/" + req.Digest,
+			Authorization: req.Authorization, Header: hdr,
+		})
+		if err != nil {
+			return fmt.Errorf("fetch pieces %d-%d of %s from %s: %w", i, j-1, req.Digest, req.Registry.Host, err)
+		}
+		body, err := skipTo(resp, first)
+		body = o.Download.Reader(ctx, body)
+		if err == nil {
+			err = o.readPieces(body, p, i, j, cids, buf)
+		}
+		resp.Body.Close()
+		if err != nil {
+			return fmt.Errorf("fetch pieces %d-%d of %s from %s: %w", i, j-1, req.Digest, req.Registry.Host, err)
+		}
+		i = j
+	}
+	return nil
+}
+
+func (o *Origin) readPieces(body io.Reader, p *store.Partial, from, to int, cids []cid.Cid, buf []byte) error {
+	for k := from; k < to; k++ {
+		_, length := piece.Bounds(k, p.Size(), p.PieceSize())
+		data := buf[:length]
+		if _, err := io.ReadFull(body, data); err != nil {
+			return fmt.Errorf("read piece %d: %w", k, err)
+		}
+		if k < len(cids) {
+			if err := piece.Verify(cids[k], data); err != nil {
+				return fmt.Errorf("upstream piece %d: %w", k, err)
+			}
+		}
+		if err := p.WritePiece(k, data); err != nil {
+			return err
+		}
+		o.fromUpstream.Add(length)
+	}
+	return nil
+}
+
+// BytesFromUpstream returns the blob bytes this agent got from upstream.
+func (o *Origin) BytesFromUpstream() int64 { return o.fromUpstream.Load() }

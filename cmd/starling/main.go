@@ -15,12 +15,17 @@ import (
 	"github.com/starling-oci/starling/agent"
 	"github.com/starling-oci/starling/pkg/config"
 	"github.com/starling-oci/starling/pkg/logging"
+	"github.com/starling-oci/starling/pkg/p2p"
+	"github.com/starling-oci/starling/supernode"
 )
 
 const usage = `starling: P2P container image distribution
 
 Usage:
-  starling agent [flags]       run the node agent (registry mirror)
+  starling agent [flags]       run the node agent (registry mirror + swarm peer)
+  starling supernode [flags]   run a supernode (tracker + seed)
+  starling swarm-key           print a new pre-shared swarm key
+  starling id FILE             print the peer ID of an identity file, creating it if absent
   starling help                show this text
 
 Run "starling COMMAND -h" for a command's flags.
@@ -48,6 +53,23 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	switch cmd {
 	case "agent":
 		return runAgent(ctx, rest, stderr)
+	case "supernode":
+		return runSupernode(ctx, rest, stderr)
+	case "swarm-key":
+		if len(rest) != 0 {
+			return errors.New("usage: starling swarm-key > swarm.key")
+		}
+		return p2p.GenerateSwarmKey(stdout)
+	case "id":
+		if len(rest) != 1 {
+			return errors.New("usage: starling id FILE")
+		}
+		id, err := p2p.PeerIDFromIdentity(rest[0])
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, id)
+		return nil
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
@@ -69,4 +91,19 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	defer func() { _ = log.Sync() }()
 	return agent.Run(ctx, cfg, log)
+}
+
+func runSupernode(ctx context.Context, args []string, stderr io.Writer) error {
+	cfg := supernode.DefaultConfig()
+	fs := flag.NewFlagSet("starling supernode", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	if err := config.Load(fs, args, &cfg, cfg.BindFlags); err != nil {
+		return err
+	}
+	log, err := logging.New(cfg.LogLevel)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = log.Sync() }()
+	return supernode.Run(ctx, cfg, log)
 }

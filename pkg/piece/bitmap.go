@@ -57,7 +57,7 @@ func (b *Bitmap) Set(i int) {
 }
 
 // Has reports whether piece i is present; false for indexes out of range.
-func (b *Bitmap) Has(i int) bool {
+func (b Bitmap) Has(i int) bool {
 	if i < 0 || i >= b.n {
 		return false
 	}
@@ -65,13 +65,13 @@ func (b *Bitmap) Has(i int) bool {
 }
 
 // Count returns the number of pieces present.
-func (b *Bitmap) Count() int { return b.count }
+func (b Bitmap) Count() int { return b.count }
 
 // Len returns the number of pieces the bitmap covers.
-func (b *Bitmap) Len() int { return b.n }
+func (b Bitmap) Len() int { return b.n }
 
 // Complete reports whether every piece is present (true for length 0).
-func (b *Bitmap) Complete() bool { return b.count == b.n }
+func (b Bitmap) Complete() bool { return b.count == b.n }
 
 // Bytes returns a copy of the encoded bitmap.
-func (b *Bitmap) Bytes() []byte { return append([]byte{}, b.bits...) }
+func (b Bitmap) Bytes() []byte { return append([]byte{}, b.bits...) }

@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -442,4 +443,60 @@ func (s *Store) Pending(digest string) (size, pieceSize int64, ok bool) {
 		return 0, 0, false
 	}
 	return m.Size, m.PieceSize, true
+}
+
+// PieceReader opens piece i (of pieceSize) of a blob for a peer: from the
+// complete file, or from a partial blob that has the piece durable. The
+// caller closes it.
+func (s *Store) PieceReader(digest string, i int, pieceSize int64) (io.ReadCloser, int64, error) {
+	s.mu.Lock()
+	p, live := s.partials[digest]
+	if live {
+		p.Retain()
+	}
+	s.mu.Unlock()
+	if live {
+		p.lock()
+		ok := p.pieceSize == pieceSize && (p.done || p.have.Has(i))
+		p.unlock()
+		if !ok {
+			p.Release()
+			return nil, 0, ErrNotFound
+		}
+		off, n := piece.Bounds(i, p.size, p.pieceSize)
+		return &pieceReader{SectionReader: io.NewSectionReader(p.f, off, n), close: func() error { p.Release(); return nil }}, n, nil
+	}
+	f, size, err := s.Open(digest)
+	if err != nil {
+		return nil, 0, err
+	}
+	off, n := piece.Bounds(i, size, pieceSize)
+	if n == 0 {
+		f.Close()
+		return nil, 0, fmt.Errorf("piece %d of %s: out of range", i, digest)
+	}
+	return &pieceReader{SectionReader: io.NewSectionReader(f, off, n), close: f.Close}, n, nil
+}
+
+type pieceReader struct {
+	*io.SectionReader
+	close func() error
+}
+
+func (r *pieceReader) Close() error { return r.close() }
+
+// DiscardPartial removes a partial blob that nobody has open.
+func (s *Store) DiscardPartial(digest string) {
+	hex, err := hexOf(digest)
+	if err != nil {
+		return
+	}
+	s.mu.Lock()
+	_, live := s.partials[digest]
+	s.mu.Unlock()
+	if m, err := s.getMeta(digest); live || err != nil || m.Complete {
+		return
+	}
+	_ = os.Remove(s.partialPath(hex))
+	_ = s.deleteMeta(digest)
 }

@@ -1,0 +1,383 @@
+package swarm
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"go.uber.org/zap"
+
+	"github.com/starling-oci/starling/pkg/piece"
+	"github.com/starling-oci/starling/pkg/pieceserver"
+	"github.com/starling-oci/starling/pkg/store"
+	"github.com/starling-oci/starling/pkg/swarmproto"
+	"github.com/starling-oci/starling/registryproxy"
+)
+
+// download is the state of one blob's swarm download.
+type download struct {
+	s     *Swarm
+	tr    *trackerClient
+	req   registryproxy.BlobRequest
+	p     *store.Partial
+	count int
+
+	cids     []cid.Cid
+	version  uint64
+	peers    map[peer.ID]*peerState
+	inflight map[int][]peer.ID // piece -> peers it is being fetched from
+	running  int
+	progress time.Time
+	order    []int // a random permutation: ties in rarity break randomly
+	bufs     chan []byte
+}
+
+type peerState struct {
+	have     piece.Bitmap
+	seed     bool
+	inflight int
+	failures int
+	banned   bool
+	cooldown time.Time
+}
+
+type result struct {
+	i    int
+	from peer.ID
+	data []byte
+	buf  []byte
+	err  error
+}
+
+type update struct {
+	resp *swarmproto.TrackerResponse
+	err  error
+}
+
+func newDownload(s *Swarm, tr *trackerClient, req registryproxy.BlobRequest, p *store.Partial) *download {
+	n := piece.Count(p.Size(), p.PieceSize())
+	d := &download{
+		s: s, tr: tr, req: req, p: p, count: n,
+		peers: map[peer.ID]*peerState{}, inflight: map[int][]peer.ID{},
+		order: rand.Perm(n), bufs: make(chan []byte, s.cfg.MaxInflight),
+	}
+	for range s.cfg.MaxInflight {
+		d.bufs <- nil // allocated on first use, at most MaxInflight of them
+	}
+	return d
+}
+
+// run downloads until every piece is here. It returns *errFallback when the
+// swarm cannot finish, after cancelling and waiting for its transfers.
+func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) error {
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
+	if err := d.merge(first); err != nil {
+		return &errFallback{reason: err.Error()}
+	}
+	d.progress = time.Now()
+
+	updates := make(chan update, 1)
+	results := make(chan result, d.s.cfg.MaxInflight*2)
+	announce := make(chan struct{}, 1)
+	wg.Add(2)
+	go func() { defer wg.Done(); d.pollLoop(ctx, updates) }()
+	go func() { defer wg.Done(); d.announceLoop(ctx, announce) }()
+
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		have := d.p.Have()
+		if have.Complete() {
+			return nil
+		}
+		d.schedule(ctx, &wg, results, &have)
+		changed := d.p.Changed()
+		select {
+		case u := <-updates:
+			if u.err != nil {
+				return &errFallback{reason: "tracker: " + u.err.Error()}
+			}
+			if err := d.merge(u.resp); err != nil {
+				return &errFallback{reason: err.Error()}
+			}
+		case r := <-results:
+			if err := d.finish(r); err != nil {
+				return err
+			}
+			select {
+			case announce <- struct{}{}:
+			default:
+			}
+		case <-changed: // a reader moved, or a piece landed
+		case <-tick.C:
+			if time.Since(d.progress) > d.s.cfg.StallTimeout {
+				return &errFallback{reason: "no piece completed in " + d.s.cfg.StallTimeout.String()}
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// merge takes in a tracker response: new piece CIDs and peers.
+func (d *download) merge(resp *swarmproto.TrackerResponse) error {
+	if resp.Size != d.p.Size() || resp.PieceSize != d.p.PieceSize() {
+		return errors.New("seed restarted the blob with another geometry")
+	}
+	cids, err := cidsFrom(resp.Pieces)
+	if err != nil {
+		return err
+	}
+	d.cids = append(d.cids, cids...)
+	d.version = resp.Version
+	for _, info := range resp.Peers {
+		id, err := peer.Decode(info.ID)
+		if err != nil || id == d.s.host.ID() {
+			continue
+		}
+		have, err := piece.BitmapFromBytes(d.count, info.Have)
+		if err != nil {
+			continue
+		}
+		ps, ok := d.peers[id]
+		if !ok {
+			ps = &peerState{}
+			d.peers[id] = ps
+			d.s.host.Peerstore().AddAddrs(id, swarmproto.ParseAddrs(info.Addrs), 10*time.Minute)
+		}
+		ps.have, ps.seed = have, info.Seed
+	}
+	return nil
+}
+
+// pollLoop long-polls the tracker; repeated failures end the swarm.
+func (d *download) pollLoop(ctx context.Context, updates chan<- update) {
+	failures := 0
+	var since uint64
+	known := len(d.cids)
+	for ctx.Err() == nil {
+		have := d.p.Have()
+		resp, err := d.tr.poll(ctx, since, known, have.Bytes())
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			if failures++; failures < 3 {
+				continue
+			}
+		} else {
+			failures = 0
+			since = resp.Version
+			known += len(resp.Pieces)
+		}
+		select {
+		case updates <- update{resp: resp, err: err}:
+		case <-ctx.Done():
+			return
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// announceLoop tells the tracker about new pieces, coalescing bursts.
+func (d *download) announceLoop(ctx context.Context, signal <-chan struct{}) {
+	for {
+		select {
+		case <-signal:
+		case <-ctx.Done():
+			return
+		}
+		have := d.p.Have()
+		if err := d.tr.have(ctx, have.Bytes()); err != nil && ctx.Err() == nil {
+			d.s.log.Debug("announce pieces", zap.String("digest", d.req.Digest), zap.Error(err))
+		}
+	}
+}
+
+// announceFinal reports the complete blob, so peers keep coming to us.
+func (d *download) announceFinal() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	all := piece.NewBitmap(d.count)
+	for i := range d.count {
+		all.Set(i)
+	}
+	if err := d.tr.have(ctx, all.Bytes()); err != nil {
+		d.s.log.Debug("announce complete blob", zap.String("digest", d.req.Digest), zap.Error(err))
+	}
+}
+
+// schedule starts downloads while there is room.
+func (d *download) schedule(ctx context.Context, wg *sync.WaitGroup, results chan<- result, have *piece.Bitmap) {
+	now := time.Now()
+	for d.running < d.s.cfg.MaxInflight {
+		i, from, ok := d.pick(have, now)
+		if !ok {
+			return
+		}
+		buf := <-d.bufs
+		if int64(cap(buf)) < d.p.PieceSize() {
+			buf = make([]byte, d.p.PieceSize())
+		}
+		d.running++
+		d.inflight[i] = append(d.inflight[i], from)
+		d.peers[from].inflight++
+		_, length := piece.Bounds(i, d.p.Size(), d.p.PieceSize())
+		req := swarmproto.PieceRequest{Digest: d.req.Digest, PieceSize: d.p.PieceSize(), Index: i}
+		c := d.cids[i]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			data, err := pieceserver.Fetch(ctx, d.s.host, from, req, length, c, buf, d.s.cfg.Download)
+			results <- result{i: i, from: from, data: data, buf: buf, err: err}
+		}()
+	}
+}
+
+// pick chooses the next piece and peer: first the pieces a blocked reader
+// needs (so the HTTP response streams), then the rarest among peers; in
+// the endgame, a piece already in flight from a different peer.
+func (d *download) pick(have *piece.Bitmap, now time.Time) (int, peer.ID, bool) {
+	known := len(d.cids)
+	if w := d.p.Waiting(); w >= 0 && w < known {
+		for i := w; i < min(known, w+d.s.cfg.MaxInflight); i++ {
+			if !have.Has(i) && len(d.inflight[i]) == 0 {
+				if from, ok := d.peerFor(i, now); ok {
+					return i, from, true
+				}
+			}
+		}
+	}
+	best, bestFrom, bestRarity := -1, peer.ID(""), 0
+	missing := 0
+	for _, i := range d.order {
+		if i >= known || have.Has(i) {
+			continue
+		}
+		missing++
+		if len(d.inflight[i]) > 0 {
+			continue
+		}
+		rarity := d.rarity(i)
+		if rarity == 0 || (best >= 0 && rarity >= bestRarity) {
+			continue
+		}
+		if from, ok := d.peerFor(i, now); ok {
+			best, bestFrom, bestRarity = i, from, rarity
+		}
+	}
+	if best >= 0 {
+		return best, bestFrom, true
+	}
+	// Endgame: every missing piece is in flight; race a second peer for
+	// the stragglers so one slow peer cannot hold up the blob.
+	if missing > 0 && missing <= d.s.cfg.MaxInflight && known == d.count {
+		for _, i := range d.order {
+			if have.Has(i) || len(d.inflight[i]) != 1 {
+				continue
+			}
+			if from, ok := d.peerFor(i, now, d.inflight[i]...); ok {
+				return i, from, true
+			}
+		}
+	}
+	return 0, "", false
+}
+
+func (d *download) rarity(i int) int {
+	n := 0
+	for _, ps := range d.peers {
+		if !ps.banned && ps.have.Has(i) {
+			n++
+		}
+	}
+	return n
+}
+
+// peerFor picks the least loaded usable peer that has piece i. Agents are
+// preferred over the seed: its upload is the swarm's scarcest resource.
+func (d *download) peerFor(i int, now time.Time, exclude ...peer.ID) (peer.ID, bool) {
+	var best peer.ID
+	bestLoad := 1 << 30
+outer:
+	for id, ps := range d.peers {
+		if ps.banned || ps.inflight >= d.s.cfg.PerPeer || now.Before(ps.cooldown) || !ps.have.Has(i) {
+			continue
+		}
+		for _, x := range exclude {
+			if x == id {
+				continue outer
+			}
+		}
+		load := ps.inflight * 2
+		if ps.seed {
+			load++
+		}
+		if load < bestLoad {
+			best, bestLoad = id, load
+		}
+	}
+	return best, best != ""
+}
+
+// finish handles one piece transfer's outcome.
+func (d *download) finish(r result) error {
+	d.running--
+	d.inflight[r.i] = remove(d.inflight[r.i], r.from)
+	if len(d.inflight[r.i]) == 0 {
+		delete(d.inflight, r.i)
+	}
+	ps := d.peers[r.from]
+	ps.inflight--
+	defer func() { d.bufs <- r.buf }()
+	switch {
+	case r.err == nil:
+		if d.p.Have().Has(r.i) {
+			return nil // the endgame twin got here first
+		}
+		if err := d.p.WritePiece(r.i, r.data); err != nil {
+			return err
+		}
+		d.progress = time.Now()
+		ps.failures = 0
+		if ps.seed {
+			d.s.fromSeed.Add(int64(len(r.data)))
+		} else {
+			d.s.fromPeers.Add(int64(len(r.data)))
+		}
+	case errors.Is(r.err, pieceserver.ErrCorrupt):
+		ps.banned = true
+		d.s.log.Warn("peer sent a corrupt piece; dropping it for this blob", zap.String("peer", r.from.String()),
+			zap.String("digest", d.req.Digest), zap.Int("piece", r.i), zap.Error(r.err))
+	case errors.Is(r.err, pieceserver.ErrBusy), errors.Is(r.err, pieceserver.ErrUnavailable):
+		ps.cooldown = time.Now().Add(200 * time.Millisecond)
+	default:
+		ps.cooldown = time.Now().Add(time.Second)
+		if ps.failures++; ps.failures >= 3 {
+			ps.banned = true
+			d.s.log.Info("peer keeps failing; dropping it for this blob", zap.String("peer", r.from.String()),
+				zap.String("digest", d.req.Digest), zap.Error(r.err))
+		}
+	}
+	return nil
+}
+
+func remove(ids []peer.ID, id peer.ID) []peer.ID {
+	for k, x := range ids {
+		if x == id {
+			return append(ids[:k], ids[k+1:]...)
+		}
+	}
+	return ids
+}

@@ -1,0 +1,175 @@
+// Package swarm is the agent's P2P blob filler: it learns a blob's piece
+// table and peers from the supernode that owns the blob, downloads pieces
+// from several peers at once (rarest first, readers' position first),
+// verifies each against its CID before it is written, and serves what it
+// has to other peers at once. When the swarm cannot help (no supernode, a
+// seed error, no progress) it goes back to the source, so a pull never
+// fails because of P2P.
+package swarm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"go.uber.org/zap"
+
+	"github.com/starling-oci/starling/agent/blobcache"
+	"github.com/starling-oci/starling/pkg/ocierr"
+	"github.com/starling-oci/starling/pkg/piece"
+	"github.com/starling-oci/starling/pkg/ratelimit"
+	"github.com/starling-oci/starling/pkg/rendezvous"
+	"github.com/starling-oci/starling/pkg/store"
+	"github.com/starling-oci/starling/pkg/swarmproto"
+	"github.com/starling-oci/starling/registryproxy"
+)
+
+// Config tunes the swarm.
+type Config struct {
+	// Supernodes are the trackers/seeds; each blob's owner is picked by
+	// rendezvous hashing of its digest.
+	Supernodes []peer.AddrInfo
+	// MaxInflight bounds concurrent piece downloads of one blob (and so
+	// the piece buffers held in memory).
+	MaxInflight int
+	// PerPeer bounds concurrent requests to one peer.
+	PerPeer int
+	// StallTimeout is how long the swarm may go without completing a piece
+	// before the agent fetches the rest from upstream.
+	StallTimeout time.Duration
+	// Download paces piece downloads (nil: unlimited).
+	Download *ratelimit.Limiter
+}
+
+// Swarm implements blobcache.Filler.
+type Swarm struct {
+	cfg    Config
+	host   host.Host
+	store  *store.Store
+	origin *blobcache.Origin
+	log    *zap.Logger
+	owners []string // supernode peer IDs, as strings for rendezvous
+
+	fromPeers atomic.Int64
+	fromSeed  atomic.Int64
+}
+
+var _ blobcache.Filler = (*Swarm)(nil)
+
+// New builds a Swarm on host h. origin is the back-to-source path.
+func New(cfg Config, h host.Host, st *store.Store, origin *blobcache.Origin, log *zap.Logger) *Swarm {
+	if cfg.MaxInflight <= 0 {
+		cfg.MaxInflight = 8
+	}
+	if cfg.PerPeer <= 0 {
+		cfg.PerPeer = 2
+	}
+	if cfg.StallTimeout <= 0 {
+		cfg.StallTimeout = 15 * time.Second
+	}
+	s := &Swarm{cfg: cfg, host: h, store: st, origin: origin, log: log}
+	for _, sn := range cfg.Supernodes {
+		h.Peerstore().AddAddrs(sn.ID, sn.Addrs, 24*time.Hour)
+		s.owners = append(s.owners, sn.ID.String())
+	}
+	return s
+}
+
+// BytesFromPeers returns blob bytes downloaded from other agents.
+func (s *Swarm) BytesFromPeers() int64 { return s.fromPeers.Load() }
+
+// BytesFromSeed returns blob bytes downloaded from supernodes.
+func (s *Swarm) BytesFromSeed() int64 { return s.fromSeed.Load() }
+
+// errFallback carries why the swarm gave up on a blob.
+type errFallback struct{ reason string }
+
+func (e *errFallback) Error() string { return "back to source: " + e.reason }
+
+// Fill implements blobcache.Filler.
+func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started func(*store.Partial)) error {
+	tr, first, err := s.join(ctx, req)
+	if err != nil {
+		var oe *ocierr.Error
+		if errors.As(err, &oe) && oe.Status >= 400 && oe.Status < 500 {
+			// The seed was refused upstream: the client's own request will be
+			// refused the same way, with the right status, by the origin path.
+			s.log.Info("seed refused upstream; asking upstream with the client's credentials", zap.String("digest", req.Digest), zap.Error(err))
+		} else {
+			s.log.Warn("swarm unavailable, fetching from upstream", zap.String("digest", req.Digest), zap.Error(err))
+		}
+		return s.origin.Fill(ctx, req, started)
+	}
+	p, err := s.store.OpenPartial(req.Digest, first.Size, first.PieceSize)
+	if errors.Is(err, store.ErrComplete) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer p.Release()
+	started(p)
+
+	d := newDownload(s, tr, req, p)
+	err = d.run(ctx, first)
+	var fb *errFallback
+	if errors.As(err, &fb) {
+		s.log.Warn("swarm stalled, fetching missing pieces from upstream", zap.String("digest", req.Digest),
+			zap.String("reason", fb.reason), zap.Int("have", p.Have().Count()), zap.Int("of", piece.Count(p.Size(), p.PieceSize())))
+		err = s.origin.FetchPieces(ctx, req, p, d.cids)
+	}
+	if err != nil {
+		p.Fail(err)
+		return err
+	}
+	if err := p.Commit(); err != nil {
+		return err
+	}
+	if len(d.cids) == piece.Count(p.Size(), p.PieceSize()) {
+		if err := s.store.PutMetainfo(&piece.Metainfo{Digest: req.Digest, Size: p.Size(), PieceSize: p.PieceSize(), Pieces: d.cids}); err != nil {
+			s.log.Warn("record metainfo", zap.String("digest", req.Digest), zap.Error(err))
+		}
+	}
+	d.announceFinal()
+	return nil
+}
+
+// join asks the blob's supernodes in rendezvous order until one answers
+// with the blob's size.
+func (s *Swarm) join(ctx context.Context, req registryproxy.BlobRequest) (*trackerClient, *swarmproto.TrackerResponse, error) {
+	if len(s.owners) == 0 {
+		return nil, nil, errors.New("no supernode configured")
+	}
+	var errs []error
+	for _, id := range rendezvous.Rank(req.Digest, s.owners) {
+		pid, _ := peer.Decode(id)
+		tr := &trackerClient{host: s.host, peer: pid, req: req}
+		resp, err := tr.waitForSize(ctx, s.cfg.StallTimeout)
+		if err == nil {
+			return tr, resp, nil
+		}
+		var oe *ocierr.Error
+		if errors.As(err, &oe) {
+			return nil, nil, err // the owner answered: no point asking another
+		}
+		errs = append(errs, fmt.Errorf("supernode %s: %w", pid, err))
+	}
+	return nil, nil, errors.Join(errs...)
+}
+
+func cidsFrom(strs []string) ([]cid.Cid, error) {
+	out := make([]cid.Cid, 0, len(strs))
+	for _, s := range strs {
+		c, err := swarmproto.ParseCID(s)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	return out, nil
+}

@@ -1,0 +1,153 @@
+// Package pieceserver serves blob pieces to peers over /starling/piece/1
+// and fetches pieces from them, verifying each against its CID.
+package pieceserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync/atomic"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"go.uber.org/zap"
+
+	"github.com/starling-oci/starling/pkg/piece"
+	"github.com/starling-oci/starling/pkg/ratelimit"
+	"github.com/starling-oci/starling/pkg/store"
+	"github.com/starling-oci/starling/pkg/swarmproto"
+	"github.com/starling-oci/starling/pkg/wire"
+)
+
+// ErrBusy means the peer is at its upload cap; try another.
+var ErrBusy = errors.New("peer busy")
+
+// ErrCorrupt means a peer sent bytes that do not match the piece CID.
+var ErrCorrupt = errors.New("corrupt piece")
+
+// ErrUnavailable means the peer does not have the piece (yet).
+var ErrUnavailable = errors.New("piece not available")
+
+// Answers with a meaning for the client.
+const (
+	busyMsg        = "busy"
+	unavailableMsg = "piece not available"
+)
+
+// Server answers piece requests from the local store.
+type Server struct {
+	store  *store.Store
+	upload *ratelimit.Limiter
+	slots  chan struct{}
+	log    *zap.Logger
+	served atomic.Int64
+}
+
+// NewServer builds a Server allowing maxUploads concurrent uploads, paced
+// by upload (nil: unlimited).
+func NewServer(st *store.Store, upload *ratelimit.Limiter, maxUploads int, log *zap.Logger) *Server {
+	if maxUploads <= 0 {
+		maxUploads = 8
+	}
+	return &Server{store: st, upload: upload, slots: make(chan struct{}, maxUploads), log: log}
+}
+
+// Register installs the protocol handler on h.
+func (s *Server) Register(h host.Host) { h.SetStreamHandler(swarmproto.PieceProtocol, s.handle) }
+
+// BytesServed returns the piece bytes uploaded so far.
+func (s *Server) BytesServed() int64 { return s.served.Load() }
+
+func (s *Server) handle(st network.Stream) {
+	defer st.Close()
+	_ = st.SetDeadline(time.Now().Add(2 * time.Minute))
+	var req swarmproto.PieceRequest
+	if err := wire.ReadMsg(st, &req, swarmproto.MaxRequestBytes); err != nil {
+		st.Reset()
+		return
+	}
+	if err := req.Validate(); err != nil {
+		_ = wire.WriteMsg(st, swarmproto.PieceHeader{Error: err.Error()})
+		return
+	}
+	select {
+	case s.slots <- struct{}{}:
+		defer func() { <-s.slots }()
+	default:
+		_ = wire.WriteMsg(st, swarmproto.PieceHeader{Error: busyMsg})
+		return
+	}
+	r, n, err := s.store.PieceReader(req.Digest, req.Index, req.PieceSize)
+	if err != nil {
+		_ = wire.WriteMsg(st, swarmproto.PieceHeader{Error: unavailableMsg})
+		return
+	}
+	defer r.Close()
+	if err := wire.WriteMsg(st, swarmproto.PieceHeader{Size: n}); err != nil {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	written, err := io.Copy(s.upload.Writer(ctx, st), r)
+	s.served.Add(written)
+	if err != nil {
+		s.log.Debug("piece upload cut short", zap.String("peer", st.Conn().RemotePeer().String()),
+			zap.String("digest", req.Digest), zap.Int("piece", req.Index), zap.Error(err))
+		st.Reset()
+	}
+}
+
+// Fetch downloads piece req.Index of length want from peer p into buf and
+// verifies it against c. buf must hold at least the piece's length.
+func Fetch(ctx context.Context, h host.Host, p peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, down *ratelimit.Limiter) ([]byte, error) {
+	if int64(len(buf)) < length {
+		return nil, fmt.Errorf("fetch piece %d: buffer of %d bytes for %d", req.Index, len(buf), length)
+	}
+	st, err := h.NewStream(ctx, p, swarmproto.PieceProtocol)
+	if err != nil {
+		return nil, fmt.Errorf("open piece stream to %s: %w", p, err)
+	}
+	defer st.Close()
+	// A stream does not watch the context; reset it when ctx ends.
+	stop := context.AfterFunc(ctx, func() { st.Reset() })
+	defer stop()
+	if err := wire.WriteMsg(st, req); err != nil {
+		st.Reset()
+		return nil, fmt.Errorf("request piece %d from %s: %w", req.Index, p, err)
+	}
+	if err := st.CloseWrite(); err != nil {
+		st.Reset()
+		return nil, fmt.Errorf("request piece %d from %s: %w", req.Index, p, err)
+	}
+	var hdr swarmproto.PieceHeader
+	if err := wire.ReadMsg(st, &hdr, 4<<10); err != nil {
+		st.Reset()
+		return nil, fmt.Errorf("read piece %d header from %s: %w", req.Index, p, err)
+	}
+	if hdr.Error == busyMsg {
+		return nil, fmt.Errorf("piece %d from %s: %w", req.Index, p, ErrBusy)
+	}
+	if hdr.Error == unavailableMsg {
+		return nil, fmt.Errorf("piece %d from %s: %w", req.Index, p, ErrUnavailable)
+	}
+	if hdr.Error != "" {
+		return nil, fmt.Errorf("piece %d from %s: %s", req.Index, p, hdr.Error)
+	}
+	if hdr.Size != length {
+		st.Reset()
+		return nil, fmt.Errorf("piece %d from %s: %d bytes, want %d: %w", req.Index, p, hdr.Size, length, ErrCorrupt)
+	}
+	data := buf[:length]
+	if _, err := io.ReadFull(down.Reader(ctx, st), data); err != nil {
+		st.Reset()
+		return nil, fmt.Errorf("read piece %d from %s: %w", req.Index, p, err)
+	}
+	if err := piece.Verify(c, data); err != nil {
+		return nil, fmt.Errorf("piece %d of %s from %s: %w: %w", req.Index, req.Digest, p, ErrCorrupt, err)
+	}
+	return data, nil
+}

@@ -1,0 +1,323 @@
+// Package tracker is the supernode's view of every blob's swarm: the piece
+// table the seed publishes as it hashes, and which peers hold which pieces,
+// including peers still downloading. It answers agents over
+// /starling/tracker/1.
+package tracker
+
+import (
+	"context"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"go.uber.org/zap"
+
+	"github.com/starling-oci/starling/pkg/piece"
+	"github.com/starling-oci/starling/pkg/swarmproto"
+	"github.com/starling-oci/starling/pkg/wire"
+)
+
+// Seeder starts the upstream fetch of a blob the tracker has no piece
+// table for. It reports back through the Tracker's Set* methods.
+type Seeder interface {
+	Ensure(req swarmproto.TrackerRequest)
+}
+
+// Config tunes a Tracker.
+type Config struct {
+	// PeerTTL drops peers not heard from for this long.
+	PeerTTL time.Duration
+	// MaxPeers bounds the peers handed to one asker.
+	MaxPeers int
+	// PollWait is how long a poll waits for news before answering.
+	PollWait time.Duration
+	Now      func() time.Time
+}
+
+// Tracker holds swarm state for every blob.
+type Tracker struct {
+	cfg    Config
+	host   host.Host
+	seeder Seeder
+	log    *zap.Logger
+
+	mu    sync.Mutex
+	blobs map[string]*swarm
+}
+
+type swarm struct {
+	version   uint64
+	changed   chan struct{}
+	size      int64
+	pieceSize int64
+	pieces    []cid.Cid
+	seedHave  []byte
+	seedErr   string
+	seedCode  int
+	peers     map[peer.ID]*peerEntry
+}
+
+type peerEntry struct {
+	addrs []string
+	have  []byte
+	seen  time.Time
+}
+
+// New builds a Tracker for host h; SetSeeder must be called before Register.
+func New(cfg Config, h host.Host, log *zap.Logger) *Tracker {
+	if cfg.PeerTTL <= 0 {
+		cfg.PeerTTL = 10 * time.Minute
+	}
+	if cfg.MaxPeers <= 0 || cfg.MaxPeers > swarmproto.MaxPeers {
+		cfg.MaxPeers = 16
+	}
+	if cfg.PollWait <= 0 {
+		cfg.PollWait = time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Tracker{cfg: cfg, host: h, log: log, blobs: map[string]*swarm{}}
+}
+
+// SetSeeder wires the seed (which itself needs the tracker).
+func (t *Tracker) SetSeeder(s Seeder) { t.seeder = s }
+
+// Register installs the protocol handler.
+func (t *Tracker) Register() { t.host.SetStreamHandler(swarmproto.TrackerProtocol, t.handle) }
+
+func (t *Tracker) get(digest string) *swarm {
+	s, ok := t.blobs[digest]
+	if !ok {
+		s = &swarm{changed: make(chan struct{}), size: -1, peers: map[peer.ID]*peerEntry{}}
+		t.blobs[digest] = s
+	}
+	return s
+}
+
+// bump publishes a change; callers hold t.mu.
+func (s *swarm) bump() {
+	s.version++
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// SetSize records the blob's size once the seed knows it.
+func (t *Tracker) SetSize(digest string, size, pieceSize int64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := t.get(digest)
+	if s.size != size || s.pieceSize != pieceSize {
+		s.size, s.pieceSize, s.pieces = size, pieceSize, nil
+		s.seedErr, s.seedCode = "", 0
+		s.bump()
+	}
+}
+
+// AddPiece publishes the CID of piece i; pieces arrive in order.
+func (t *Tracker) AddPiece(digest string, i int, c cid.Cid) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := t.get(digest)
+	if i == len(s.pieces) {
+		s.pieces = append(s.pieces, c)
+		s.bump()
+	}
+}
+
+// SetMetainfo publishes a complete piece table (a blob the seed already had).
+func (t *Tracker) SetMetainfo(m *piece.Metainfo, seedHave []byte) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := t.get(m.Digest)
+	s.size, s.pieceSize, s.pieces, s.seedHave = m.Size, m.PieceSize, append([]cid.Cid(nil), m.Pieces...), seedHave
+	s.seedErr, s.seedCode = "", 0
+	s.bump()
+}
+
+// SetSeedHave publishes the seed's own durable pieces.
+func (t *Tracker) SetSeedHave(digest string, have []byte) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := t.get(digest)
+	s.seedHave = have
+	s.bump()
+}
+
+// Fail records that the seed could not fetch the blob; the next poll hears
+// of it (so its agent falls back to upstream) and a later one retries.
+func (t *Tracker) Fail(digest string, err error, status int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := t.get(digest)
+	s.seedErr, s.seedCode = err.Error(), status
+	s.size, s.pieces, s.seedHave = -1, nil, nil
+	s.bump()
+}
+
+// Metainfo returns what is known of a blob (for status and tests).
+func (t *Tracker) Metainfo(digest string) (size int64, pieces int, peers int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s, ok := t.blobs[digest]
+	if !ok {
+		return -1, 0, 0
+	}
+	return s.size, len(s.pieces), len(s.peers)
+}
+
+func (t *Tracker) handle(st network.Stream) {
+	defer st.Close()
+	_ = st.SetDeadline(time.Now().Add(t.cfg.PollWait + 30*time.Second))
+	var req swarmproto.TrackerRequest
+	if err := wire.ReadMsg(st, &req, swarmproto.MaxRequestBytes); err != nil {
+		st.Reset()
+		return
+	}
+	from := st.Conn().RemotePeer()
+	resp := t.Serve(context.Background(), from, &req)
+	if err := wire.WriteMsg(st, resp); err != nil {
+		t.log.Debug("write tracker response", zap.String("peer", from.String()), zap.Error(err))
+		st.Reset()
+	}
+}
+
+// Serve answers one request from peer from.
+func (t *Tracker) Serve(ctx context.Context, from peer.ID, req *swarmproto.TrackerRequest) *swarmproto.TrackerResponse {
+	if err := req.Validate(); err != nil {
+		return &swarmproto.TrackerResponse{Error: "bad request: " + err.Error()}
+	}
+	t.mu.Lock()
+	s := t.get(req.Digest)
+	t.updatePeer(s, from, req)
+	needSeed := req.Op == swarmproto.OpPoll && s.size < 0 && s.seedErr == ""
+	t.mu.Unlock()
+	if needSeed && t.seeder != nil {
+		t.seeder.Ensure(*req)
+	}
+	if req.Op == swarmproto.OpHave {
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		return &swarmproto.TrackerResponse{Version: s.version, Size: s.size, PieceSize: s.pieceSize}
+	}
+
+	timer := time.NewTimer(t.cfg.PollWait)
+	defer timer.Stop()
+	for {
+		t.mu.Lock()
+		if s.version > req.Since || s.seedErr != "" {
+			resp := t.response(s, from, req)
+			if s.seedErr != "" {
+				// Reported once; the next poll starts a new attempt.
+				s.seedErr, s.seedCode = "", 0
+			}
+			t.mu.Unlock()
+			return resp
+		}
+		ch := s.changed
+		t.mu.Unlock()
+		select {
+		case <-ch:
+		case <-timer.C:
+			t.mu.Lock()
+			resp := t.response(s, from, req)
+			t.mu.Unlock()
+			return resp
+		case <-ctx.Done():
+			return &swarmproto.TrackerResponse{Error: ctx.Err().Error()}
+		}
+	}
+}
+
+// updatePeer records what the asker told us; callers hold t.mu.
+func (t *Tracker) updatePeer(s *swarm, from peer.ID, req *swarmproto.TrackerRequest) {
+	now := t.cfg.Now()
+	for id, p := range s.peers {
+		if now.Sub(p.seen) > t.cfg.PeerTTL {
+			delete(s.peers, id)
+		}
+	}
+	p, ok := s.peers[from]
+	if !ok {
+		p = &peerEntry{}
+		s.peers[from] = p
+	}
+	p.seen = now
+	if len(req.Addrs) > 0 {
+		p.addrs = req.Addrs
+	}
+	if req.Have != nil && string(req.Have) != string(p.have) {
+		p.have = append([]byte(nil), req.Have...)
+		s.bump()
+	}
+}
+
+// response builds an answer; callers hold t.mu.
+func (t *Tracker) response(s *swarm, from peer.ID, req *swarmproto.TrackerRequest) *swarmproto.TrackerResponse {
+	if s.seedErr != "" {
+		return &swarmproto.TrackerResponse{Error: s.seedErr, Status: s.seedCode, Version: s.version, Size: -1}
+	}
+	resp := &swarmproto.TrackerResponse{Version: s.version, Size: s.size, PieceSize: s.pieceSize}
+	if req.Known < len(s.pieces) {
+		for _, c := range s.pieces[req.Known:] {
+			resp.Pieces = append(resp.Pieces, c.String())
+		}
+	}
+	if s.size < 0 {
+		return resp
+	}
+	if hasAny(s.seedHave) {
+		resp.Peers = append(resp.Peers, swarmproto.PeerInfo{
+			ID: t.host.ID().String(), Addrs: hostAddrs(t.host), Have: s.seedHave, Seed: true,
+		})
+	}
+	// A bounded random subset of peers that have something the asker lacks.
+	var useful []swarmproto.PeerInfo
+	for id, p := range s.peers {
+		if id == from || len(p.addrs) == 0 || !hasMissing(p.have, req.Have) {
+			continue
+		}
+		useful = append(useful, swarmproto.PeerInfo{ID: id.String(), Addrs: p.addrs, Have: p.have})
+	}
+	rand.Shuffle(len(useful), func(i, j int) { useful[i], useful[j] = useful[j], useful[i] })
+	if room := t.cfg.MaxPeers - len(resp.Peers); len(useful) > room {
+		useful = useful[:room]
+	}
+	resp.Peers = append(resp.Peers, useful...)
+	return resp
+}
+
+func hasAny(b []byte) bool {
+	for _, x := range b {
+		if x != 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// hasMissing reports whether have holds a piece that mine lacks.
+func hasMissing(have, mine []byte) bool {
+	for i, x := range have {
+		var m byte
+		if i < len(mine) {
+			m = mine[i]
+		}
+		if x&^m != 0 {
+			return true
+		}
+	}
+	return false
+}
+
+func hostAddrs(h host.Host) []string {
+	var out []string
+	for _, a := range h.Addrs() {
+		out = append(out, a.String())
+	}
+	return out
+}
