@@ -181,6 +181,14 @@ func newSwarm(cfg Config, st *store.Store, origin *blobcache.Origin, download *r
 	return sw, h, nil
 }
 
+// P2PID returns the agent's libp2p peer ID, empty without P2P.
+func (a *Agent) P2PID() string {
+	if a.host == nil {
+		return ""
+	}
+	return a.host.ID().String()
+}
+
 // P2PAddrs returns the agent's dialable libp2p addresses (none without P2P).
 func (a *Agent) P2PAddrs() []string {
 	if a.host == nil {

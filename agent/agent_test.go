@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -17,99 +16,14 @@ import (
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/starling-oci/starling/agent"
+	"github.com/starling-oci/starling/internal/testregistry"
 	"github.com/starling-oci/starling/pkg/config"
 )
-
-// upstream is go-containerregistry's in-process registry behind a handler
-// that counts requests and can demand a bearer token.
-type upstream struct {
-	srv   *httptest.Server
-	mu    sync.Mutex
-	count map[string]int // "GET blobs", "HEAD manifests", ...
-	token string         // when set, requests must carry "Bearer <token>"
-	gate  func(w http.ResponseWriter, r *http.Request) bool
-}
-
-const challenge = `Bearer realm="https://auth.example.com/token",service="registry.example.com"`
-
-func newUpstream(t *testing.T) *upstream {
-	t.Helper()
-	u := &upstream{count: map[string]int{}}
-	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	u.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		kind := "other"
-		for _, k := range []string{"blobs", "manifests"} {
-			if strings.Contains(r.URL.Path, "/"+k+"/") {
-				kind = k
-			}
-		}
-		u.mu.Lock()
-		u.count[r.Method+" "+kind]++
-		token, gate := u.token, u.gate
-		u.mu.Unlock()
-		if token != "" && r.Header.Get("Authorization") != "Bearer "+token {
-			w.Header().Set("WWW-Authenticate", challenge)
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(http.StatusUnauthorized)
-			_, _ = io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}`)
-			return
-		}
-		if gate != nil && gate(w, r) {
-			return
-		}
-		reg.ServeHTTP(w, r)
-	}))
-	t.Cleanup(u.srv.Close)
-	return u
-}
-
-func (u *upstream) host() string { return strings.TrimPrefix(u.srv.URL, "http://") }
-
-func (u *upstream) get(key string) int {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.count[key]
-}
-
-func (u *upstream) total() int {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	n := 0
-	for _, c := range u.count {
-		n += c
-	}
-	return n
-}
-
-func (u *upstream) reset() {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	u.count = map[string]int{}
-}
-
-func (u *upstream) push(t *testing.T, repoTag string, layers int, size int64) v1.Image {
-	t.Helper()
-	img, err := random.Image(size, int64(layers))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ref, err := name.ParseReference(u.host()+"/"+repoTag, name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(ref, img); err != nil {
-		t.Fatalf("push %s: %v", ref, err)
-	}
-	u.reset()
-	return img
-}
 
 func startAgent(t *testing.T, mutate func(*agent.Config), registries ...string) *httptest.Server {
 	t.Helper()
@@ -175,30 +89,30 @@ func pull(t *testing.T, mirror *httptest.Server, repoTag string) v1.Hash {
 }
 
 func TestPullThroughAgentCachesBlobs(t *testing.T) {
-	up := newUpstream(t)
-	img := up.push(t, "team/app:v1", 3, 256<<10)
-	mirror := startAgent(t, nil, up.srv.URL)
+	up := testregistry.New(t)
+	img := up.Push(t, "team/app:v1", 3, 256<<10)
+	mirror := startAgent(t, nil, up.URL())
 
 	want, _ := img.Digest()
 	if got := pull(t, mirror, "team/app:v1"); got != want {
 		t.Fatalf("digest %s, want %s", got, want)
 	}
-	if got := up.get("GET blobs"); got != 4 { // 3 layers + config
+	if got := up.Count("GET blobs"); got != 4 { // 3 layers + config
 		t.Fatalf("first pull made %d upstream blob GETs, want 4", got)
 	}
-	up.reset()
+	up.Reset()
 	if got := pull(t, mirror, "team/app:v1"); got != want {
 		t.Fatalf("second pull digest %s, want %s", got, want)
 	}
-	if n := up.get("GET blobs") + up.get("HEAD blobs"); n != 0 {
+	if n := up.Count("GET blobs") + up.Count("HEAD blobs"); n != 0 {
 		t.Fatalf("second pull made %d upstream blob requests, want 0", n)
 	}
 }
 
 func TestConcurrentRequestsMakeOneUpstreamFetch(t *testing.T) {
-	up := newUpstream(t)
-	img := up.push(t, "app:v1", 1, 4<<20)
-	mirror := startAgent(t, nil, up.srv.URL)
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 1, 4<<20)
+	mirror := startAgent(t, nil, up.URL())
 	layers, _ := img.Layers()
 	digest, _ := layers[0].Digest()
 	want, _ := io.ReadAll(must(layers[0].Compressed()))
@@ -225,7 +139,7 @@ func TestConcurrentRequestsMakeOneUpstreamFetch(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	if got := up.get("GET blobs"); got != 1 {
+	if got := up.Count("GET blobs"); got != 1 {
 		t.Fatalf("%d clients caused %d upstream blob GETs, want 1", clients, got)
 	}
 }
@@ -233,13 +147,13 @@ func TestConcurrentRequestsMakeOneUpstreamFetch(t *testing.T) {
 // A client gets the first bytes of a blob while the upstream is still
 // sending the rest.
 func TestClientStreamsWhileFillRuns(t *testing.T) {
-	up := newUpstream(t)
-	img := up.push(t, "app:v1", 1, 2<<20)
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 1, 2<<20)
 	layers, _ := img.Layers()
 	digest, _ := layers[0].Digest()
 	want, _ := io.ReadAll(must(layers[0].Compressed()))
 	release := make(chan struct{})
-	up.gate = func(w http.ResponseWriter, r *http.Request) bool {
+	up.SetGate(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.Method != http.MethodGet || !strings.Contains(r.URL.Path, "/blobs/") {
 			return false
 		}
@@ -250,8 +164,8 @@ func TestClientStreamsWhileFillRuns(t *testing.T) {
 		<-release
 		_, _ = w.Write(want[len(want)/2:])
 		return true
-	}
-	mirror := startAgent(t, nil, up.srv.URL)
+	})
+	mirror := startAgent(t, nil, up.URL())
 	resp, err := http.Get(mirror.URL + "/v2/app/blobs/" + digest.String())
 	if err != nil {
 		t.Fatal(err)
@@ -272,8 +186,8 @@ func TestClientStreamsWhileFillRuns(t *testing.T) {
 }
 
 func TestUnlistedRegistryIsRefusedWithoutUpstreamRequest(t *testing.T) {
-	up := newUpstream(t)
-	mirror := startAgent(t, nil, up.srv.URL)
+	up := testregistry.New(t)
+	mirror := startAgent(t, nil, up.URL())
 	for _, path := range []string{
 		"/v2/library/alpine/manifests/latest?ns=evil.example.com",
 		"/v2/library/alpine/blobs/sha256:" + strings.Repeat("a", 64) + "?ns=docker.io",
@@ -287,17 +201,17 @@ func TestUnlistedRegistryIsRefusedWithoutUpstreamRequest(t *testing.T) {
 			t.Errorf("%s: status %d code %s, want 403 DENIED", path, resp.StatusCode, code)
 		}
 	}
-	if n := up.total(); n != 0 {
+	if n := up.Total(); n != 0 {
 		t.Fatalf("upstream saw %d requests, want 0", n)
 	}
 }
 
 func TestNamespaceSelectsRegistry(t *testing.T) {
-	a, b := newUpstream(t), newUpstream(t)
-	imgB := b.push(t, "app:v1", 1, 1024)
-	mirror := startAgent(t, nil, a.srv.URL, b.srv.URL)
+	a, b := testregistry.New(t), testregistry.New(t)
+	imgB := b.Push(t, "app:v1", 1, 1024)
+	mirror := startAgent(t, nil, a.URL(), b.URL())
 	want, _ := imgB.Digest()
-	resp, err := http.Get(mirror.URL + "/v2/app/manifests/v1?ns=" + url.QueryEscape(b.host()))
+	resp, err := http.Get(mirror.URL + "/v2/app/manifests/v1?ns=" + url.QueryEscape(b.Host()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -305,23 +219,23 @@ func TestNamespaceSelectsRegistry(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || resp.Header.Get("Docker-Content-Digest") != want.String() {
 		t.Fatalf("status %d digest %q, want 200 %s", resp.StatusCode, resp.Header.Get("Docker-Content-Digest"), want)
 	}
-	if a.total() != 0 {
-		t.Fatalf("default registry saw %d requests for another ns", a.total())
+	if a.Total() != 0 {
+		t.Fatalf("default registry saw %d requests for another ns", a.Total())
 	}
 }
 
 func TestUnauthorizedChallengeIsRelayed(t *testing.T) {
-	up := newUpstream(t)
-	img := up.push(t, "private/app:v1", 1, 1024)
-	up.token = "good"
-	mirror := startAgent(t, nil, up.srv.URL)
+	up := testregistry.New(t)
+	img := up.Push(t, "private/app:v1", 1, 1024)
+	up.RequireToken("good")
+	mirror := startAgent(t, nil, up.URL())
 
 	resp, err := http.Get(mirror.URL + "/v2/private/app/manifests/v1")
 	if err != nil {
 		t.Fatal(err)
 	}
 	code := ociCode(t, resp)
-	if resp.StatusCode != http.StatusUnauthorized || resp.Header.Get("WWW-Authenticate") != challenge || code != "UNAUTHORIZED" {
+	if resp.StatusCode != http.StatusUnauthorized || resp.Header.Get("WWW-Authenticate") != testregistry.Challenge || code != "UNAUTHORIZED" {
 		t.Fatalf("got %d %q %s, want 401 with the upstream challenge", resp.StatusCode, resp.Header.Get("WWW-Authenticate"), code)
 	}
 
@@ -353,33 +267,33 @@ func TestUnauthorizedChallengeIsRelayed(t *testing.T) {
 }
 
 func TestTagIsResolvedUpstreamEveryTime(t *testing.T) {
-	up := newUpstream(t)
-	first := up.push(t, "app:latest", 1, 1024)
-	mirror := startAgent(t, nil, up.srv.URL)
+	up := testregistry.New(t)
+	first := up.Push(t, "app:latest", 1, 1024)
+	mirror := startAgent(t, nil, up.URL())
 	if got, want := pull(t, mirror, "app:latest"), must(first.Digest()); got != want {
 		t.Fatalf("first: %s, want %s", got, want)
 	}
-	second := up.push(t, "app:latest", 1, 1024)
+	second := up.Push(t, "app:latest", 1, 1024)
 	if got, want := pull(t, mirror, "app:latest"), must(second.Digest()); got != want {
 		t.Fatalf("after the tag moved: %s, want %s", got, want)
 	}
 }
 
 func TestCachedTagServedWhileUpstreamDown(t *testing.T) {
-	up := newUpstream(t)
-	up.push(t, "app:v1", 2, 1024)
-	mirror := startAgent(t, nil, up.srv.URL)
+	up := testregistry.New(t)
+	up.Push(t, "app:v1", 2, 1024)
+	mirror := startAgent(t, nil, up.URL())
 	want := pull(t, mirror, "app:v1")
-	up.srv.Close()
+	up.Server.Close()
 	if got := pull(t, mirror, "app:v1"); got != want {
 		t.Fatalf("with upstream down: %s, want %s", got, want)
 	}
 }
 
 func TestBlobRangesAndHead(t *testing.T) {
-	up := newUpstream(t)
-	img := up.push(t, "app:v1", 1, 100_000)
-	mirror := startAgent(t, nil, up.srv.URL)
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 1, 100_000)
+	mirror := startAgent(t, nil, up.URL())
 	layers, _ := img.Layers()
 	digest, _ := layers[0].Digest()
 	blob, _ := io.ReadAll(must(layers[0].Compressed()))
@@ -436,8 +350,8 @@ func TestBlobRangesAndHead(t *testing.T) {
 }
 
 func TestMalformedRequestsGetOCIErrors(t *testing.T) {
-	up := newUpstream(t)
-	mirror := startAgent(t, nil, up.srv.URL)
+	up := testregistry.New(t)
+	mirror := startAgent(t, nil, up.URL())
 	for _, tc := range []struct {
 		method, path string
 		status       int
@@ -459,7 +373,7 @@ func TestMalformedRequestsGetOCIErrors(t *testing.T) {
 			t.Errorf("%s %s: %d %s, want %d %s", tc.method, tc.path, resp.StatusCode, code, tc.status, tc.code)
 		}
 	}
-	if n := up.total(); n != 0 {
+	if n := up.Total(); n != 0 {
 		t.Fatalf("malformed requests reached upstream %d times", n)
 	}
 }

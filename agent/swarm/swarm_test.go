@@ -1,0 +1,374 @@
+package swarm_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/starling-oci/starling/agent"
+	"github.com/starling-oci/starling/internal/testregistry"
+	"github.com/starling-oci/starling/pkg/config"
+	"github.com/starling-oci/starling/pkg/p2p"
+	"github.com/starling-oci/starling/pkg/piece"
+	"github.com/starling-oci/starling/pkg/rendezvous"
+	"github.com/starling-oci/starling/pkg/swarmproto"
+	"github.com/starling-oci/starling/pkg/wire"
+	"github.com/starling-oci/starling/supernode"
+)
+
+const testPieceSize = 256 << 10
+
+func swarmKey(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "swarm.key")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p2p.GenerateSwarmKey(f); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	return path
+}
+
+func startSupernode(t *testing.T, key, registry string, uploadRate int64) *supernode.Supernode {
+	t.Helper()
+	cfg := supernode.DefaultConfig()
+	cfg.P2PListen = config.Strings{Values: []string{"/ip4/127.0.0.1/tcp/0"}}
+	cfg.SwarmKey = key
+	cfg.DataDir = t.TempDir()
+	cfg.Registries = config.Strings{Values: []string{registry}}
+	cfg.PieceSize = testPieceSize
+	cfg.UploadRate = config.Bytes(uploadRate)
+	sn, err := supernode.New(cfg, zaptest.NewLogger(t).Named("supernode"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sn.Close() })
+	return sn
+}
+
+type node struct {
+	agent *agent.Agent
+	srv   *httptest.Server
+}
+
+func startAgent(t *testing.T, key, registry string, supernodes []string, mutate func(*agent.Config)) *node {
+	t.Helper()
+	cfg := agent.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.Registries = config.Strings{Values: []string{registry}}
+	cfg.Supernodes = config.Strings{Values: supernodes}
+	cfg.P2PListen = config.Strings{Values: []string{"/ip4/127.0.0.1/tcp/0"}}
+	cfg.SwarmKey = key
+	// Long enough that a passing test shows the swarm worked, not the fallback.
+	cfg.StallTimeout = config.Duration(30 * time.Second)
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	a, err := agent.New(cfg, zaptest.NewLogger(t).Named("agent"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(a.Handler())
+	t.Cleanup(func() {
+		srv.Close()
+		a.Close()
+	})
+	return &node{agent: a, srv: srv}
+}
+
+// pull fetches the image through a mirror and checks every blob's digest.
+func pull(mirror, repoTag string) error {
+	ref, err := name.ParseReference(strings.TrimPrefix(mirror, "http://")+"/"+repoTag, name.Insecure)
+	if err != nil {
+		return err
+	}
+	img, err := remote.Image(ref)
+	if err != nil {
+		return fmt.Errorf("pull %s: %w", ref, err)
+	}
+	layers, err := img.Layers()
+	if err != nil {
+		return err
+	}
+	for _, l := range layers {
+		want, _ := l.Digest()
+		rc, err := l.Compressed()
+		if err != nil {
+			return err
+		}
+		h := sha256.New()
+		_, err = io.Copy(h, rc)
+		rc.Close()
+		if err != nil {
+			return fmt.Errorf("layer %s: %w", want, err)
+		}
+		if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); got != want.String() {
+			return fmt.Errorf("layer %s arrived as %s", want, got)
+		}
+	}
+	_, err = img.RawConfigFile()
+	return err
+}
+
+func blobBytes(t *testing.T, img v1.Image) int64 {
+	t.Helper()
+	layers, _ := img.Layers()
+	var n int64
+	for _, l := range layers {
+		s, _ := l.Size()
+		n += s
+	}
+	cfg, _ := img.RawConfigFile()
+	return n + int64(len(cfg))
+}
+
+func pullAll(t *testing.T, nodes []*node, repoTag string) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, len(nodes))
+	for _, n := range nodes {
+		wg.Go(func() {
+			if err := pull(n.srv.URL, repoTag); err != nil {
+				errs <- err
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+func assertOneFetchPerBlob(t *testing.T, up *testregistry.Registry, img v1.Image) {
+	t.Helper()
+	gets := up.BlobGETs()
+	layers, _ := img.Layers()
+	for _, l := range layers {
+		d, _ := l.Digest()
+		if gets[d.String()] != 1 {
+			t.Errorf("layer %s fetched from upstream %d times, want 1", d, gets[d.String()])
+		}
+	}
+	for d, n := range gets {
+		if n != 1 {
+			t.Errorf("blob %s fetched from upstream %d times, want 1", d, n)
+		}
+	}
+}
+
+func TestSixAgentsPullOnceFromUpstream(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "team/app:v1", 3, 2<<20)
+	key := swarmKey(t)
+	// A slow seed makes the agents trade pieces instead of all taking
+	// everything from the supernode.
+	sn := startSupernode(t, key, up.URL(), 16<<20)
+	var nodes []*node
+	for range 6 {
+		nodes = append(nodes, startAgent(t, key, up.URL(), sn.Addrs(), nil))
+	}
+	pullAll(t, nodes, "team/app:v1")
+	assertOneFetchPerBlob(t, up, img)
+
+	var fromPeers, fromSeed, fromUpstream int64
+	for _, n := range nodes {
+		s := n.agent.Stats()
+		fromPeers += s.FromPeers
+		fromSeed += s.FromSeed
+		fromUpstream += s.FromUpstream
+	}
+	layers, _ := img.Layers()
+	var layerBytes int64
+	for _, l := range layers {
+		s, _ := l.Size()
+		layerBytes += s
+	}
+	t.Logf("from peers %d, from seed %d, from upstream %d (6 x %d blob bytes)", fromPeers, fromSeed, fromUpstream, blobBytes(t, img))
+	if fromUpstream != 0 {
+		t.Errorf("agents fetched %d bytes from upstream themselves", fromUpstream)
+	}
+	if fromPeers+fromSeed < 6*layerBytes {
+		t.Errorf("agents got %d bytes over the swarm, want at least %d", fromPeers+fromSeed, 6*layerBytes)
+	}
+	if fromPeers == 0 {
+		t.Error("no piece came from another agent")
+	}
+}
+
+// corruptPeer is a libp2p host that claims every piece and serves garbage.
+type corruptPeer struct {
+	served atomic.Int64
+}
+
+func startCorruptPeer(t *testing.T, key string, sn *supernode.Supernode, digests map[string]int64) *corruptPeer {
+	t.Helper()
+	h, err := p2p.NewHost(p2p.Config{SwarmKeyFile: key}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	cp := &corruptPeer{}
+	h.SetStreamHandler(swarmproto.PieceProtocol, func(s network.Stream) {
+		defer s.Close()
+		var req swarmproto.PieceRequest
+		if wire.ReadMsg(s, &req, 4096) != nil {
+			return
+		}
+		_, length := piece.Bounds(req.Index, digests[req.Digest], req.PieceSize)
+		cp.served.Add(1)
+		_ = wire.WriteMsg(s, swarmproto.PieceHeader{Size: length})
+		_, _ = s.Write(bytes.Repeat([]byte{0xAB}, int(length)))
+	})
+	snInfo, err := p2p.ParsePeerAddr(sn.Addrs()[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Connect(context.Background(), snInfo); err != nil {
+		t.Fatal(err)
+	}
+	// Announce a full bitmap for every blob, as a lying peer would.
+	for digest, size := range digests {
+		all := piece.NewBitmap(piece.Count(size, testPieceSize))
+		for i := range all.Len() {
+			all.Set(i)
+		}
+		var addrs []string
+		for _, a := range h.Addrs() {
+			addrs = append(addrs, a.String())
+		}
+		s, err := h.NewStream(context.Background(), snInfo.ID, swarmproto.TrackerProtocol)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := wire.WriteMsg(s, swarmproto.TrackerRequest{Op: swarmproto.OpHave, Digest: digest, Addrs: addrs, Have: all.Bytes()}); err != nil {
+			t.Fatal(err)
+		}
+		var resp swarmproto.TrackerResponse
+		if err := wire.ReadMsg(s, &resp, 1<<20); err != nil || resp.Error != "" {
+			t.Fatalf("announce: %v %s", err, resp.Error)
+		}
+		s.Close()
+	}
+	return cp
+}
+
+func TestCorruptPeerIsDetectedAndPullSucceeds(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 2, 1<<20)
+	key := swarmKey(t)
+	sn := startSupernode(t, key, up.URL(), 8<<20)
+	digests := map[string]int64{}
+	layers, _ := img.Layers()
+	for _, l := range layers {
+		d, _ := l.Digest()
+		s, _ := l.Size()
+		digests[d.String()] = s
+	}
+	cp := startCorruptPeer(t, key, sn, digests)
+	n := startAgent(t, key, up.URL(), sn.Addrs(), nil)
+	if err := pull(n.srv.URL, "app:v1"); err != nil {
+		t.Fatal(err)
+	}
+	if cp.served.Load() == 0 {
+		t.Fatal("the corrupt peer was never asked, so the test proved nothing")
+	}
+	if s := n.agent.Stats(); s.FromUpstream != 0 {
+		t.Errorf("agent fell back to upstream (%d bytes); want the swarm to route around the bad peer", s.FromUpstream)
+	}
+	assertOneFetchPerBlob(t, up, img)
+}
+
+func TestWrongSwarmKeyCannotJoinButPullSucceeds(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 1, 512<<10)
+	sn := startSupernode(t, swarmKey(t), up.URL(), 0)
+	n := startAgent(t, swarmKey(t), up.URL(), sn.Addrs(), nil)
+	if err := pull(n.srv.URL, "app:v1"); err != nil {
+		t.Fatal(err)
+	}
+	agentID, err := peer.Decode(n.agent.P2PID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sn.Host().Network().Connectedness(agentID) == network.Connected {
+		t.Fatal("agent with the wrong swarm key is connected to the supernode")
+	}
+	s := n.agent.Stats()
+	if s.FromPeers+s.FromSeed != 0 || s.FromUpstream < blobBytes(t, img)-2048 {
+		t.Fatalf("stats %+v: want everything from upstream", s)
+	}
+	if sn.SeedFetches() != 0 {
+		t.Fatalf("supernode seeded %d blobs for an outsider", sn.SeedFetches())
+	}
+}
+
+func TestNoSupernodeFallsBackToUpstream(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 2, 512<<10)
+	key := swarmKey(t)
+	sn := startSupernode(t, key, up.URL(), 0)
+	addrs := sn.Addrs()
+	sn.Close()
+	n := startAgent(t, key, up.URL(), addrs, nil)
+	if err := pull(n.srv.URL, "app:v1"); err != nil {
+		t.Fatal(err)
+	}
+	assertOneFetchPerBlob(t, up, img)
+	if s := n.agent.Stats(); s.FromUpstream == 0 {
+		t.Fatal("no bytes came from upstream")
+	}
+}
+
+func TestTwoSupernodesSplitOwnership(t *testing.T) {
+	up := testregistry.New(t)
+	key := swarmKey(t)
+	a := startSupernode(t, key, up.URL(), 0)
+	b := startSupernode(t, key, up.URL(), 0)
+	ids := []string{a.Host().ID().String(), b.Host().ID().String()}
+	// Push until the image's blobs have owners on both supernodes.
+	var img v1.Image
+	owned := map[string]int{}
+	for try := 0; try < 20 && (owned[ids[0]] == 0 || owned[ids[1]] == 0); try++ {
+		img = up.Push(t, "app:v1", 4, 256<<10)
+		owned = map[string]int{}
+		layers, _ := img.Layers()
+		for _, l := range layers {
+			d, _ := l.Digest()
+			owned[rendezvous.Rank(d.String(), ids)[0]]++
+		}
+		cfgName, _ := img.ConfigName()
+		owned[rendezvous.Rank(cfgName.String(), ids)[0]]++
+	}
+	addrs := append(a.Addrs(), b.Addrs()...)
+	var nodes []*node
+	for range 4 {
+		nodes = append(nodes, startAgent(t, key, up.URL(), addrs, nil))
+	}
+	pullAll(t, nodes, "app:v1")
+	assertOneFetchPerBlob(t, up, img)
+	if a.SeedFetches() != owned[ids[0]] || b.SeedFetches() != owned[ids[1]] {
+		t.Fatalf("seed fetches %d and %d, want %d and %d by rendezvous ownership", a.SeedFetches(), b.SeedFetches(), owned[ids[0]], owned[ids[1]])
+	}
+}
