@@ -71,7 +71,7 @@ func TestParseRange(t *testing.T) {
 		{"bytes=100-", 100, ByteRange{}, false, true},
 		{"bytes=-0", 100, ByteRange{}, false, true},
 		{"bytes=0-", 0, ByteRange{}, false, true},
-		{"bytes=5-4", 100, ByteRange{}, false, false},    // invalid: ignored
+		{"bytes=5-4", 100, ByteRange{}, false, false},     // invalid: ignored
 		{"bytes=0-1,3-4", 100, ByteRange{}, false, false}, // multi-range: whole blob
 		{"items=0-1", 100, ByteRange{}, false, false},
 		{"bytes=a-b", 100, ByteRange{}, false, false},
