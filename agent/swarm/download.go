@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -34,6 +35,8 @@ type download struct {
 	progress time.Time
 	order    []int // a random permutation: ties in rarity break randomly
 	bufs     chan []byte
+	idle     time.Time   // since when nothing was in flight (zero: busy)
+	starved  atomic.Bool // idle too long: ask the tracker for the seed's pieces
 }
 
 type peerState struct {
@@ -100,6 +103,7 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 			return nil
 		}
 		d.schedule(ctx, &wg, results, &have)
+		d.checkStarved()
 		changed := d.p.Changed()
 		select {
 		case u := <-updates:
@@ -159,14 +163,42 @@ func (d *download) merge(resp *swarmproto.TrackerResponse) error {
 	return nil
 }
 
+// starveAfter is how long a download may sit with nothing in flight before
+// it asks for the seed's pieces regardless of other peers.
+const starveAfter = 500 * time.Millisecond
+
+func (d *download) checkStarved() {
+	switch {
+	case d.running > 0:
+		d.idle = time.Time{}
+		d.starved.Store(false)
+	case d.idle.IsZero():
+		d.idle = time.Now()
+	case time.Since(d.idle) > starveAfter:
+		d.starved.Store(true)
+	}
+}
+
+// minPollInterval keeps N agents' long-polls from turning every piece
+// completion into N immediate round trips.
+const minPollInterval = 100 * time.Millisecond
+
 // pollLoop long-polls the tracker; repeated failures end the swarm.
 func (d *download) pollLoop(ctx context.Context, updates chan<- update) {
 	failures := 0
 	var since uint64
 	known := len(d.cids)
+	pace := time.NewTimer(0)
+	defer pace.Stop()
 	for ctx.Err() == nil {
+		select {
+		case <-pace.C:
+		case <-ctx.Done():
+			return
+		}
+		pace.Reset(minPollInterval)
 		have := d.p.Have()
-		resp, err := d.tr.poll(ctx, since, known, have.Bytes())
+		resp, err := d.tr.poll(ctx, since, known, have.Bytes(), d.starved.Load())
 		if err != nil {
 			if ctx.Err() != nil {
 				return

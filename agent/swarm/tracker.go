@@ -60,10 +60,10 @@ func (t *trackerClient) call(ctx context.Context, r swarmproto.TrackerRequest) (
 }
 
 // poll asks for news since version, announcing our own state.
-func (t *trackerClient) poll(ctx context.Context, since uint64, known int, have []byte) (*swarmproto.TrackerResponse, error) {
+func (t *trackerClient) poll(ctx context.Context, since uint64, known int, have []byte, starved bool) (*swarmproto.TrackerResponse, error) {
 	return t.call(ctx, swarmproto.TrackerRequest{
 		Op: swarmproto.OpPoll, Registry: t.req.Registry.Host, Repo: t.req.Repo, Authorization: t.req.Authorization,
-		Addrs: addrs(t.host), Have: have, Known: known, Since: since,
+		Addrs: addrs(t.host), Have: have, Known: known, Since: since, Starved: starved,
 	})
 }
 
@@ -78,7 +78,7 @@ func (t *trackerClient) waitForSize(ctx context.Context, limit time.Duration) (*
 	deadline := time.Now().Add(limit)
 	var since uint64
 	for {
-		resp, err := t.poll(ctx, since, 0, nil)
+		resp, err := t.poll(ctx, since, 0, nil, false)
 		if err != nil {
 			return nil, err
 		}

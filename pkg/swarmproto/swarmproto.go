@@ -66,6 +66,10 @@ type TrackerRequest struct {
 	// Since is the swarm version the sender last saw; a poll waits for a
 	// newer one (or a timeout) before answering.
 	Since uint64 `json:"since,omitempty"`
+	// Starved says the sender has had nothing to download for a while
+	// (its peers are gone, busy or bad): the tracker answers at once and
+	// offers it every piece the seed has.
+	Starved bool `json:"starved,omitempty"`
 }
 
 // Validate checks a request read from the network.

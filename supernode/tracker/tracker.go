@@ -7,6 +7,7 @@ package tracker
 import (
 	"context"
 	"math/rand/v2"
+	"sort"
 	"sync"
 	"time"
 
@@ -35,7 +36,10 @@ type Config struct {
 	MaxPeers int
 	// PollWait is how long a poll waits for news before answering.
 	PollWait time.Duration
-	Now      func() time.Time
+	// SeedOffer is how many of the seed's pieces one asker is shown at a
+	// time (super-seeding); 0 means 8.
+	SeedOffer int
+	Now       func() time.Time
 }
 
 // Tracker holds swarm state for every blob.
@@ -62,9 +66,10 @@ type swarm struct {
 }
 
 type peerEntry struct {
-	addrs []string
-	have  []byte
-	seen  time.Time
+	addrs   []string
+	have    []byte
+	seen    time.Time
+	offered map[int]bool // seed pieces shown to this peer and not yet spread
 }
 
 // New builds a Tracker for host h; SetSeeder must be called before Register.
@@ -77,6 +82,9 @@ func New(cfg Config, h host.Host, log *zap.Logger) *Tracker {
 	}
 	if cfg.PollWait <= 0 {
 		cfg.PollWait = time.Second
+	}
+	if cfg.SeedOffer <= 0 {
+		cfg.SeedOffer = 8
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -209,7 +217,7 @@ func (t *Tracker) Serve(ctx context.Context, from peer.ID, req *swarmproto.Track
 	defer timer.Stop()
 	for {
 		t.mu.Lock()
-		if s.version > req.Since || s.seedErr != "" {
+		if s.version > req.Since || s.seedErr != "" || req.Starved {
 			resp := t.response(s, from, req)
 			if s.seedErr != "" {
 				// Reported once; the next poll starts a new attempt.
@@ -270,9 +278,9 @@ func (t *Tracker) response(s *swarm, from peer.ID, req *swarmproto.TrackerReques
 	if s.size < 0 {
 		return resp
 	}
-	if hasAny(s.seedHave) {
+	if offer := t.seedOffer(s, from, req.Have, req.Starved); offer != nil {
 		resp.Peers = append(resp.Peers, swarmproto.PeerInfo{
-			ID: t.host.ID().String(), Addrs: hostAddrs(t.host), Have: s.seedHave, Seed: true,
+			ID: t.host.ID().String(), Addrs: hostAddrs(t.host), Have: offer, Seed: true,
 		})
 	}
 	// A bounded random subset of peers that have something the asker lacks.
@@ -291,13 +299,73 @@ func (t *Tracker) response(s *swarm, from peer.ID, req *swarmproto.TrackerReques
 	return resp
 }
 
-func hasAny(b []byte) bool {
-	for _, x := range b {
-		if x != 0 {
-			return true
+// seedOffer is the part of the seed's pieces shown to one asker. As in
+// BitTorrent's super-seeding, an asker is offered only pieces no other peer
+// holds yet, a few at a time, the least offered first: each piece then
+// leaves the seed's scarce upload about once and agents spread it. Offers
+// stick to an asker until it has the piece or another peer does. Callers
+// hold t.mu.
+func (t *Tracker) seedOffer(s *swarm, from peer.ID, mine []byte, starved bool) []byte {
+	n := piece.Count(s.size, s.pieceSize)
+	seed, err := piece.BitmapFromBytes(n, s.seedHave)
+	if err != nil || seed.Count() == 0 {
+		return nil
+	}
+	if starved {
+		return s.seedHave
+	}
+	asker, err := piece.BitmapFromBytes(n, mine)
+	if err != nil {
+		asker = piece.NewBitmap(n)
+	}
+	held := make([]int, n)
+	for id, p := range s.peers {
+		if id == from {
+			continue
+		}
+		if have, err := piece.BitmapFromBytes(n, p.have); err == nil {
+			for i := range n {
+				if have.Has(i) {
+					held[i]++
+				}
+			}
 		}
 	}
-	return false
+	me := s.peers[from]
+	if me.offered == nil {
+		me.offered = map[int]bool{}
+	}
+	for i := range me.offered {
+		if asker.Has(i) || held[i] > 0 {
+			delete(me.offered, i)
+		}
+	}
+	if len(me.offered) < t.cfg.SeedOffer {
+		offers := make([]int, n) // how many askers are being offered each piece
+		for _, p := range s.peers {
+			for i := range p.offered {
+				offers[i]++
+			}
+		}
+		var candidates []int
+		for _, i := range rand.Perm(n) {
+			if seed.Has(i) && !asker.Has(i) && held[i] == 0 && !me.offered[i] {
+				candidates = append(candidates, i)
+			}
+		}
+		sort.SliceStable(candidates, func(a, b int) bool { return offers[candidates[a]] < offers[candidates[b]] })
+		for _, i := range candidates[:min(len(candidates), t.cfg.SeedOffer-len(me.offered))] {
+			me.offered[i] = true
+		}
+	}
+	if len(me.offered) == 0 {
+		return nil
+	}
+	offer := piece.NewBitmap(n)
+	for i := range me.offered {
+		offer.Set(i)
+	}
+	return offer.Bytes()
 }
 
 // hasMissing reports whether have holds a piece that mine lacks.
