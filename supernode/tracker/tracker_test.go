@@ -1,0 +1,137 @@
+package tracker
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/starling-oci/starling/pkg/p2p"
+	"github.com/starling-oci/starling/pkg/piece"
+	"github.com/starling-oci/starling/pkg/swarmproto"
+)
+
+var digest = "sha256:" + strings.Repeat("cd", 32)
+
+type countingSeeder struct{ calls int }
+
+func (c *countingSeeder) Ensure(swarmproto.TrackerRequest) { c.calls++ }
+
+func newTracker(t *testing.T) (*Tracker, *countingSeeder) {
+	t.Helper()
+	h, err := p2p.NewHost(p2p.Config{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	tr := New(Config{MaxPeers: 5, SeedOffer: 2}, h, zaptest.NewLogger(t))
+	s := &countingSeeder{}
+	tr.SetSeeder(s)
+	return tr, s
+}
+
+func bits(n int, set ...int) []byte {
+	b := piece.NewBitmap(n)
+	for _, i := range set {
+		b.Set(i)
+	}
+	return b.Bytes()
+}
+
+func poll(tr *Tracker, from peer.ID, have []byte, starved bool) *swarmproto.TrackerResponse {
+	return tr.Serve(context.Background(), from, &swarmproto.TrackerRequest{
+		Op: swarmproto.OpPoll, Digest: digest, Registry: "docker.io", Repo: "library/app",
+		Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: have, Starved: starved,
+	})
+}
+
+func TestPeersAreABoundedSubsetOfUsefulOnes(t *testing.T) {
+	tr, seeder := newTracker(t)
+	tr.SetSize(digest, 4<<20, 1<<20) // 4 pieces
+	for i := range 12 {
+		have := bits(4, 0) // knows nothing the asker lacks
+		if i%2 == 0 {
+			have = bits(4, 0, 1, 2, 3)
+		}
+		tr.Serve(context.Background(), peer.ID(fmt.Sprint("p", i)), &swarmproto.TrackerRequest{
+			Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: have,
+		})
+	}
+	resp := poll(tr, "asker", bits(4, 0), false)
+	if resp.Error != "" {
+		t.Fatal(resp.Error)
+	}
+	if len(resp.Peers) != 5 {
+		t.Fatalf("%d peers, want the cap of 5", len(resp.Peers))
+	}
+	for _, p := range resp.Peers {
+		if p.ID == "asker" || string(p.Have) != string(bits(4, 0, 1, 2, 3)) {
+			t.Fatalf("peer %s with %x is not useful to the asker", p.ID, p.Have)
+		}
+	}
+	if seeder.calls != 0 {
+		t.Fatalf("seed started for a blob whose size is known")
+	}
+}
+
+func TestSeedOffersOnlyUnspreadPiecesUnlessStarved(t *testing.T) {
+	tr, _ := newTracker(t)
+	tr.SetSize(digest, 4<<20, 1<<20)
+	tr.SetSeedHave(digest, bits(4, 0, 1, 2, 3))
+	// Another agent already holds pieces 0 and 1.
+	tr.Serve(context.Background(), "other", &swarmproto.TrackerRequest{
+		Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4, 0, 1),
+	})
+	offer := seedPieces(t, poll(tr, "asker", bits(4), false))
+	if len(offer) != 2 || offer[0] || offer[1] || !offer[2] || !offer[3] {
+		t.Fatalf("offer %v, want exactly the unspread pieces 2 and 3", offer)
+	}
+	// Offers stick until spread.
+	if again := seedPieces(t, poll(tr, "asker", bits(4), false)); len(again) != 2 || !again[2] || !again[3] {
+		t.Fatalf("second offer %v changed", again)
+	}
+	// Starved: everything the seed has.
+	if all := seedPieces(t, poll(tr, "asker", bits(4), true)); len(all) != 4 {
+		t.Fatalf("starved offer %v, want all 4 pieces", all)
+	}
+}
+
+func seedPieces(t *testing.T, resp *swarmproto.TrackerResponse) map[int]bool {
+	t.Helper()
+	for _, p := range resp.Peers {
+		if p.Seed {
+			b, err := piece.BitmapFromBytes(4, p.Have)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out := map[int]bool{}
+			for i := range 4 {
+				if b.Has(i) {
+					out[i] = true
+				}
+			}
+			return out
+		}
+	}
+	return nil
+}
+
+func TestSeedFailureIsReportedOnceThenRetried(t *testing.T) {
+	tr, seeder := newTracker(t)
+	poll(tr, "a", nil, true)
+	if seeder.calls != 1 {
+		t.Fatalf("seed started %d times, want 1", seeder.calls)
+	}
+	tr.Fail(digest, fmt.Errorf("upstream said no"), 401)
+	resp := poll(tr, "a", nil, false)
+	if resp.Error == "" || resp.Status != 401 {
+		t.Fatalf("failure not reported: %+v", resp)
+	}
+	poll(tr, "a", nil, true)
+	if seeder.calls != 2 {
+		t.Fatalf("seed started %d times, want a retry after the reported failure", seeder.calls)
+	}
+}
