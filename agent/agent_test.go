@@ -18,6 +18,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/starling-oci/starling/agent"
@@ -404,4 +405,40 @@ func must[T any](v T, err error) T {
 		panic(err)
 	}
 	return v
+}
+
+// BenchmarkWarmBlobServe serves a cached 64 MiB blob through the proxy
+// over loopback HTTP (sendfile path).
+func BenchmarkWarmBlobServe(b *testing.B) {
+	up := testregistry.New(b)
+	img := up.Push(b, "app:v1", 1, 64<<20)
+	cfg := agent.DefaultConfig()
+	cfg.DataDir = b.TempDir()
+	cfg.Registries = config.Strings{Values: []string{up.URL()}}
+	a, err := agent.New(cfg, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv := httptest.NewServer(a.Handler())
+	defer func() { srv.Close(); a.Close() }()
+	layers, _ := img.Layers()
+	digest, _ := layers[0].Digest()
+	size, _ := layers[0].Size()
+	url := srv.URL + "/v2/app/blobs/" + digest.String()
+	get := func() {
+		resp, err := http.Get(url)
+		if err != nil {
+			b.Fatal(err)
+		}
+		n, err := io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if err != nil || n != size {
+			b.Fatalf("read %d of %d: %v", n, size, err)
+		}
+	}
+	get() // warm the cache
+	b.SetBytes(size)
+	for b.Loop() {
+		get()
+	}
 }

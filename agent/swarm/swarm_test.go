@@ -21,6 +21,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/starling-oci/starling/agent"
@@ -36,7 +37,7 @@ import (
 
 const testPieceSize = 256 << 10
 
-func swarmKey(t *testing.T) string {
+func swarmKey(t testing.TB) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "swarm.key")
 	f, err := os.Create(path)
@@ -50,7 +51,7 @@ func swarmKey(t *testing.T) string {
 	return path
 }
 
-func startSupernode(t *testing.T, key, registry string, uploadRate int64) *supernode.Supernode {
+func startSupernode(t testing.TB, key, registry string, uploadRate int64) *supernode.Supernode {
 	t.Helper()
 	cfg := supernode.DefaultConfig()
 	cfg.P2PListen = config.Strings{Values: []string{"/ip4/127.0.0.1/tcp/0"}}
@@ -59,7 +60,7 @@ func startSupernode(t *testing.T, key, registry string, uploadRate int64) *super
 	cfg.Registries = config.Strings{Values: []string{registry}}
 	cfg.PieceSize = testPieceSize
 	cfg.UploadRate = config.Bytes(uploadRate)
-	sn, err := supernode.New(cfg, zaptest.NewLogger(t).Named("supernode"))
+	sn, err := supernode.New(cfg, zaptest.NewLogger(t, zaptest.Level(zapcore.InfoLevel)).Named("supernode"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +73,7 @@ type node struct {
 	srv   *httptest.Server
 }
 
-func startAgent(t *testing.T, key, registry string, supernodes []string, mutate func(*agent.Config)) *node {
+func startAgent(t testing.TB, key, registry string, supernodes []string, mutate func(*agent.Config)) *node {
 	t.Helper()
 	cfg := agent.DefaultConfig()
 	cfg.DataDir = t.TempDir()
@@ -85,7 +86,7 @@ func startAgent(t *testing.T, key, registry string, supernodes []string, mutate 
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	a, err := agent.New(cfg, zaptest.NewLogger(t).Named("agent"))
+	a, err := agent.New(cfg, zaptest.NewLogger(t, zaptest.Level(zapcore.InfoLevel)).Named("agent"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,7 +132,7 @@ func pull(mirror, repoTag string) error {
 	return err
 }
 
-func blobBytes(t *testing.T, img v1.Image) int64 {
+func blobBytes(t testing.TB, img v1.Image) int64 {
 	t.Helper()
 	layers, _ := img.Layers()
 	var n int64

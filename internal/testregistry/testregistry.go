@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -18,6 +19,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/starling-oci/starling/pkg/ratelimit"
 )
 
 // Challenge is the WWW-Authenticate value sent when a token is required.
@@ -32,6 +35,8 @@ type Registry struct {
 	paths  map[string]int // "GET /v2/app/blobs/sha256:..."
 	token  string
 	gate   func(w http.ResponseWriter, r *http.Request) bool
+	egress atomic.Int64
+	limit  *ratelimit.Limiter
 }
 
 // New starts a Registry, closed when the test ends.
@@ -61,10 +66,32 @@ func New(t testing.TB) *Registry {
 		if gate != nil && gate(w, r) {
 			return
 		}
+		if r.Method == http.MethodGet || r.Method == http.MethodHead {
+			w = &countingWriter{ResponseWriter: w, n: &u.egress, out: u.limit.Writer(r.Context(), w)}
+		}
 		reg.ServeHTTP(w, r)
 	}))
 	t.Cleanup(u.Server.Close)
 	return u
+}
+
+// LimitEgress caps what the registry sends, shared by all clients, in
+// bytes/s; call it before serving.
+func (u *Registry) LimitEgress(bytesPerSec int64) { u.limit = ratelimit.New(bytesPerSec) }
+
+// Egress returns the bytes sent in responses to GET and HEAD.
+func (u *Registry) Egress() int64 { return u.egress.Load() }
+
+type countingWriter struct {
+	http.ResponseWriter
+	n   *atomic.Int64
+	out io.Writer
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	n, err := c.out.Write(b)
+	c.n.Add(int64(n))
+	return n, err
 }
 
 // URL is the registry's base URL.
@@ -123,6 +150,7 @@ func (u *Registry) Reset() {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.counts, u.paths = map[string]int{}, map[string]int{}
+	u.egress.Store(0)
 }
 
 // Push writes a random image as repoTag and resets the counts.

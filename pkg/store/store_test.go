@@ -269,3 +269,62 @@ func TestEvictsLeastRecentlyUsed(t *testing.T) {
 		t.Fatalf("used %d over quota", s.Used())
 	}
 }
+
+// BenchmarkWritePiece writes verified 4 MiB pieces (write, fsync, record).
+func BenchmarkWritePiece(b *testing.B) {
+	const ps = 4 << 20
+	s, err := Open(Options{Dir: b.TempDir()}, zaptest.NewLogger(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	data := make([]byte, ps)
+	rand.Read(data)
+	const pieces = 16
+	p, err := s.OpenPartial("sha256:"+hex.EncodeToString(make([]byte, 32)), pieces*ps, ps)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Release()
+	b.SetBytes(ps)
+	for i := 0; b.Loop(); i++ {
+		if err := p.WritePiece(i%pieces, data); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkReadPiece reads 4 MiB pieces of a complete blob as the piece
+// server does.
+func BenchmarkReadPiece(b *testing.B) {
+	const ps = 4 << 20
+	s, err := Open(Options{Dir: b.TempDir()}, zaptest.NewLogger(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	blob := make([]byte, 16*ps)
+	rand.Read(blob)
+	sum := sha256.Sum256(blob)
+	digest := "sha256:" + hex.EncodeToString(sum[:])
+	p, _ := s.OpenPartial(digest, int64(len(blob)), ps)
+	if err := p.Append(bytes.NewReader(blob), nil); err != nil {
+		b.Fatal(err)
+	}
+	if err := p.Commit(); err != nil {
+		b.Fatal(err)
+	}
+	p.Release()
+	buf := make([]byte, ps)
+	b.SetBytes(ps)
+	for i := 0; b.Loop(); i++ {
+		r, _, err := s.PieceReader(digest, i%16, ps)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(r, buf); err != nil {
+			b.Fatal(err)
+		}
+		r.Close()
+	}
+}
