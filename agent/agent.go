@@ -90,7 +90,7 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.Var(&c.UploadRate, "upload-rate", "upload cap to peers in bytes/s, e.g. 50MiB (0 = unlimited)")
 	fs.Var(&c.DownloadRate, "download-rate", "download cap from peers and upstream in bytes/s (0 = unlimited)")
 	fs.IntVar(&c.MaxUploads, "max-uploads", c.MaxUploads, "concurrent piece uploads to peers")
-	fs.IntVar(&c.MaxInflight, "max-inflight", c.MaxInflight, "concurrent piece downloads per blob (each holds one piece in memory)")
+	fs.IntVar(&c.MaxInflight, "max-inflight", c.MaxInflight, "concurrent piece downloads of the agent (each holds one piece in memory)")
 	fs.Var(&c.StallTimeout, "stall-timeout", "go back to the upstream registry when the swarm completes no piece for this long")
 }
 

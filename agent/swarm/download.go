@@ -34,7 +34,6 @@ type download struct {
 	running  int
 	progress time.Time
 	order    []int // a random permutation: ties in rarity break randomly
-	bufs     chan []byte
 	idle     time.Time   // since when nothing was in flight (zero: busy)
 	starved  atomic.Bool // idle too long: ask the tracker for the seed's pieces
 }
@@ -66,10 +65,7 @@ func newDownload(s *Swarm, tr *trackerClient, req registryproxy.BlobRequest, p *
 	d := &download{
 		s: s, tr: tr, req: req, p: p, count: n,
 		peers: map[peer.ID]*peerState{}, inflight: map[int][]peer.ID{},
-		order: rand.Perm(n), bufs: make(chan []byte, s.cfg.MaxInflight),
-	}
-	for range s.cfg.MaxInflight {
-		d.bufs <- nil // allocated on first use, at most MaxInflight of them
+		order: rand.Perm(n),
 	}
 	return d
 }
@@ -79,9 +75,19 @@ func newDownload(s *Swarm, tr *trackerClient, req registryproxy.BlobRequest, p *
 func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) error {
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
+	results := make(chan result, d.s.cfg.MaxInflight)
 	defer func() {
 		cancel()
 		wg.Wait()
+		// Hand the buffers of abandoned transfers back to the pool.
+		for {
+			select {
+			case r := <-results:
+				d.s.bufs <- r.buf
+			default:
+				return
+			}
+		}
 	}()
 	if err := d.merge(first); err != nil {
 		return &errFallback{reason: err.Error()}
@@ -89,7 +95,6 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 	d.progress = time.Now()
 
 	updates := make(chan update, 1)
-	results := make(chan result, d.s.cfg.MaxInflight*2)
 	announce := make(chan struct{}, 1)
 	wg.Add(2)
 	go func() { defer wg.Done(); d.pollLoop(ctx, updates) }()
@@ -258,7 +263,12 @@ func (d *download) schedule(ctx context.Context, wg *sync.WaitGroup, results cha
 		if !ok {
 			return
 		}
-		buf := <-d.bufs
+		var buf []byte
+		select {
+		case buf = <-d.s.bufs:
+		default:
+			return // every piece buffer of the agent is in use; retry on the next event
+		}
 		if int64(cap(buf)) < d.p.PieceSize() {
 			buf = make([]byte, d.p.PieceSize())
 		}
@@ -372,7 +382,7 @@ func (d *download) finish(r result) error {
 	}
 	ps := d.peers[r.from]
 	ps.inflight--
-	defer func() { d.bufs <- r.buf }()
+	defer func() { d.s.bufs <- r.buf }()
 	switch {
 	case r.err == nil:
 		if d.p.Have().Has(r.i) {

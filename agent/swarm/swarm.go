@@ -34,8 +34,8 @@ type Config struct {
 	// Supernodes are the trackers/seeds; each blob's owner is picked by
 	// rendezvous hashing of its digest.
 	Supernodes []peer.AddrInfo
-	// MaxInflight bounds concurrent piece downloads of one blob (and so
-	// the piece buffers held in memory).
+	// MaxInflight bounds concurrent piece downloads of the agent, across
+	// blobs: each holds one piece buffer, so this bounds memory.
 	MaxInflight int
 	// PerPeer bounds concurrent requests to one peer.
 	PerPeer int
@@ -57,6 +57,7 @@ type Swarm struct {
 
 	fromPeers atomic.Int64
 	fromSeed  atomic.Int64
+	bufs      chan []byte // piece buffers, shared by all downloads
 }
 
 var _ blobcache.Filler = (*Swarm)(nil)
@@ -72,7 +73,10 @@ func New(cfg Config, h host.Host, st *store.Store, origin *blobcache.Origin, log
 	if cfg.StallTimeout <= 0 {
 		cfg.StallTimeout = 15 * time.Second
 	}
-	s := &Swarm{cfg: cfg, host: h, store: st, origin: origin, log: log}
+	s := &Swarm{cfg: cfg, host: h, store: st, origin: origin, log: log, bufs: make(chan []byte, cfg.MaxInflight)}
+	for range cfg.MaxInflight {
+		s.bufs <- nil // allocated on first use
+	}
 	for _, sn := range cfg.Supernodes {
 		h.Peerstore().AddAddrs(sn.ID, sn.Addrs, 24*time.Hour)
 		s.owners = append(s.owners, sn.ID.String())
