@@ -98,7 +98,12 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	sw := &statusWriter{ResponseWriter: w}
 	err := p.serve(sw, r)
 	if err != nil {
-		ocierr.Write(sw, r, err)
+		reply := err
+		var oe *ocierr.Error
+		if !errors.As(err, &oe) && errors.Is(err, upstream.ErrUnreachable) {
+			reply = ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "upstream unreachable")
+		}
+		ocierr.Write(sw, r, reply)
 	}
 	fields := []zap.Field{
 		zap.String("method", r.Method), zap.String("path", r.URL.Path), zap.String("ns", r.URL.Query().Get("ns")),

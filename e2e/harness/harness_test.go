@@ -338,6 +338,10 @@ func TestStartAgentAndSupernodeFake(t *testing.T) {
 	if p := sn.P2PAddrs(); len(p) != 1 || !strings.HasPrefix(p[0], "/ip4/127.0.0.1/tcp/") {
 		t.Fatalf("supernode P2PAddrs = %v", p)
 	}
+	// The real supernode has no HTTP listener and rejects --listen.
+	if slices.Contains(sn.Args(), "--listen") {
+		t.Errorf("supernode args %v: StartSupernode must not add --listen", sn.Args())
+	}
 
 	dataDir := t.TempDir()
 	ag := harness.StartAgent(t, bin, "--data-dir="+dataDir, "--supernode", sn.P2PAddrs()[0])
@@ -661,7 +665,7 @@ func fakeStarling(role string, args []string) int {
 	fs := flag.NewFlagSet(role, flag.ContinueOnError)
 	addrFile := fs.String("addr-file", "", "")
 	dataDir := fs.String("data-dir", "", "")
-	listen := fs.String("listen", "", "")
+	listen := fs.String("listen", "127.0.0.1:0", "")
 	fs.String("supernode", "", "")
 	fail := fs.Bool("fail", false, "")
 	if err := fs.Parse(args); err != nil {

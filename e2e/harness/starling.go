@@ -46,7 +46,7 @@ func ParseAddrFile(b []byte) (AddrFile, error) {
 }
 
 // Node is a running starling process (agent or supernode) started with
-// --addr-file, --data-dir and --listen.
+// --addr-file and --data-dir (and, for agents, --listen).
 type Node struct {
 	role     string
 	name     string
@@ -80,8 +80,10 @@ func StartAgent(t testing.TB, bin string, args ...string) *Agent {
 	return &Agent{n}
 }
 
-// StartSupernode runs `BIN supernode [defaults] ARGS...` like StartAgent and
-// fails the test if the address file lists no p2p address.
+// StartSupernode runs `BIN supernode [defaults] ARGS...` like StartAgent,
+// except that it adds no --listen (a supernode has no HTTP listener and
+// rejects the flag; pass --p2p-listen), and fails the test if the address
+// file lists no p2p address.
 func StartSupernode(t testing.TB, bin string, args ...string) *Supernode {
 	t.Helper()
 	n := startNode(t, "supernode", bin, args)
@@ -107,7 +109,9 @@ func startNode(t testing.TB, role, bin string, userArgs []string) *Node {
 		n.dataDir = t.TempDir()
 		defaults = append(defaults, "--data-dir", n.dataDir)
 	}
-	if _, ok := flagValue(userArgs, "listen"); !ok {
+	// Only the agent has an HTTP listener: `starling supernode` fails on an
+	// unknown --listen flag.
+	if _, ok := flagValue(userArgs, "listen"); !ok && role == "agent" {
 		defaults = append(defaults, "--listen", "127.0.0.1:0")
 	}
 	n.args = slices.Concat([]string{role}, defaults, userArgs)
