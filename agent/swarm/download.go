@@ -203,7 +203,7 @@ func (d *download) pollLoop(ctx context.Context, updates chan<- update) {
 		}
 		pace.Reset(minPollInterval)
 		have := d.p.Have()
-		resp, err := d.tr.poll(ctx, since, known, have.Bytes(), d.starved.Load())
+		resp, err := d.tr.poll(ctx, since, known, have.Bytes(), d.starved.Load(), d.p.Waiting())
 		if err != nil {
 			if ctx.Err() != nil {
 				return

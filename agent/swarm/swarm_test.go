@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -263,7 +264,7 @@ func startCorruptPeer(t *testing.T, key string, sn *supernode.Supernode, digests
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := wire.WriteMsg(s, swarmproto.TrackerRequest{Op: swarmproto.OpHave, Digest: digest, Addrs: addrs, Have: all.Bytes()}); err != nil {
+		if err := wire.WriteMsg(s, swarmproto.TrackerRequest{Op: swarmproto.OpHave, Digest: digest, Addrs: addrs, Have: all.Bytes(), Want: -1}); err != nil {
 			t.Fatal(err)
 		}
 		var resp swarmproto.TrackerResponse
@@ -371,5 +372,32 @@ func TestTwoSupernodesSplitOwnership(t *testing.T) {
 	assertOneFetchPerBlob(t, up, img)
 	if a.SeedFetches() != owned[ids[0]] || b.SeedFetches() != owned[ids[1]] {
 		t.Fatalf("seed fetches %d and %d, want %d and %d by rendezvous ownership", a.SeedFetches(), b.SeedFetches(), owned[ids[0]], owned[ids[1]])
+	}
+}
+
+// The client gets the first bytes of a blob long before the whole blob
+// has crossed the swarm: pieces near the reader come first.
+func TestResponseStreamsInOrder(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 1, 16<<20)
+	key := swarmKey(t)
+	sn := startSupernode(t, key, up.URL(), 8<<20) // about 2 s for the blob
+	n := startAgent(t, key, up.URL(), sn.Addrs(), nil)
+	layers, _ := img.Layers()
+	digest, _ := layers[0].Digest()
+	size, _ := layers[0].Size()
+	resp, err := http.Get(n.srv.URL + "/v2/app/blobs/" + digest.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if _, err := io.ReadFull(resp.Body, make([]byte, 256<<10)); err != nil {
+		t.Fatal(err)
+	}
+	if got := n.agent.Stats().FromSeed; got > size/2 {
+		t.Fatalf("first bytes reached the client only after %d of %d bytes arrived", got, size)
+	}
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -60,16 +60,16 @@ func (t *trackerClient) call(ctx context.Context, r swarmproto.TrackerRequest) (
 }
 
 // poll asks for news since version, announcing our own state.
-func (t *trackerClient) poll(ctx context.Context, since uint64, known int, have []byte, starved bool) (*swarmproto.TrackerResponse, error) {
+func (t *trackerClient) poll(ctx context.Context, since uint64, known int, have []byte, starved bool, want int) (*swarmproto.TrackerResponse, error) {
 	return t.call(ctx, swarmproto.TrackerRequest{
 		Op: swarmproto.OpPoll, Registry: t.req.Registry.Host, Repo: t.req.Repo, Authorization: t.req.Authorization,
-		Addrs: addrs(t.host), Have: have, Known: known, Since: since, Starved: starved,
+		Addrs: addrs(t.host), Have: have, Known: known, Since: since, Starved: starved, Want: want,
 	})
 }
 
 // have reports our bitmap without waiting.
 func (t *trackerClient) have(ctx context.Context, have []byte) error {
-	_, err := t.call(ctx, swarmproto.TrackerRequest{Op: swarmproto.OpHave, Addrs: addrs(t.host), Have: have})
+	_, err := t.call(ctx, swarmproto.TrackerRequest{Op: swarmproto.OpHave, Addrs: addrs(t.host), Have: have, Want: -1})
 	return err
 }
 
@@ -78,7 +78,7 @@ func (t *trackerClient) waitForSize(ctx context.Context, limit time.Duration) (*
 	deadline := time.Now().Add(limit)
 	var since uint64
 	for {
-		resp, err := t.poll(ctx, since, 0, nil, false)
+		resp, err := t.poll(ctx, since, 0, nil, false, -1)
 		if err != nil {
 			return nil, err
 		}

@@ -70,6 +70,10 @@ type TrackerRequest struct {
 	// (its peers are gone, busy or bad): the tracker answers at once and
 	// offers it every piece the seed has.
 	Starved bool `json:"starved,omitempty"`
+	// Want is the piece a client of the sender is blocked on, or -1: the
+	// tracker offers the seed's copy of it and the next few at once, so
+	// the HTTP response streams in order.
+	Want int `json:"want"`
 }
 
 // Validate checks a request read from the network.
@@ -90,6 +94,9 @@ func (r *TrackerRequest) Validate() error {
 	}
 	if len(r.Authorization) > 16<<10 {
 		return errors.New("authorization too long")
+	}
+	if r.Want < -1 || r.Want >= maxPieces {
+		return fmt.Errorf("bad wanted piece %d", r.Want)
 	}
 	if r.Known < 0 || r.Known > maxPieces {
 		return fmt.Errorf("bad known count %d", r.Known)

@@ -217,7 +217,7 @@ func (t *Tracker) Serve(ctx context.Context, from peer.ID, req *swarmproto.Track
 	defer timer.Stop()
 	for {
 		t.mu.Lock()
-		if s.version > req.Since || s.seedErr != "" || req.Starved {
+		if s.version > req.Since || s.seedErr != "" || req.Starved || t.wantsUnoffered(s, from, req) {
 			resp := t.response(s, from, req)
 			if s.seedErr != "" {
 				// Reported once; the next poll starts a new attempt.
@@ -278,7 +278,7 @@ func (t *Tracker) response(s *swarm, from peer.ID, req *swarmproto.TrackerReques
 	if s.size < 0 {
 		return resp
 	}
-	if offer := t.seedOffer(s, from, req.Have, req.Starved); offer != nil {
+	if offer := t.seedOffer(s, from, req); offer != nil {
 		resp.Peers = append(resp.Peers, swarmproto.PeerInfo{
 			ID: t.host.ID().String(), Addrs: hostAddrs(t.host), Have: offer, Seed: true,
 		})
@@ -299,22 +299,37 @@ func (t *Tracker) response(s *swarm, from peer.ID, req *swarmproto.TrackerReques
 	return resp
 }
 
+// wantsUnoffered reports whether the asker's reader waits on a piece the
+// seed has but has not offered it yet: such a poll is answered at once.
+// Callers hold t.mu.
+func (t *Tracker) wantsUnoffered(s *swarm, from peer.ID, req *swarmproto.TrackerRequest) bool {
+	if req.Want < 0 || s.size < 0 {
+		return false
+	}
+	seed, err := piece.BitmapFromBytes(piece.Count(s.size, s.pieceSize), s.seedHave)
+	if err != nil || !seed.Has(req.Want) {
+		return false
+	}
+	me := s.peers[from]
+	return me == nil || !me.offered[req.Want]
+}
+
 // seedOffer is the part of the seed's pieces shown to one asker. As in
 // BitTorrent's super-seeding, an asker is offered only pieces no other peer
 // holds yet, a few at a time, the least offered first: each piece then
 // leaves the seed's scarce upload about once and agents spread it. Offers
 // stick to an asker until it has the piece or another peer does. Callers
 // hold t.mu.
-func (t *Tracker) seedOffer(s *swarm, from peer.ID, mine []byte, starved bool) []byte {
+func (t *Tracker) seedOffer(s *swarm, from peer.ID, req *swarmproto.TrackerRequest) []byte {
 	n := piece.Count(s.size, s.pieceSize)
 	seed, err := piece.BitmapFromBytes(n, s.seedHave)
 	if err != nil || seed.Count() == 0 {
 		return nil
 	}
-	if starved {
+	if req.Starved {
 		return s.seedHave
 	}
-	asker, err := piece.BitmapFromBytes(n, mine)
+	asker, err := piece.BitmapFromBytes(n, req.Have)
 	if err != nil {
 		asker = piece.NewBitmap(n)
 	}
@@ -338,6 +353,15 @@ func (t *Tracker) seedOffer(s *swarm, from peer.ID, mine []byte, starved bool) [
 	for i := range me.offered {
 		if asker.Has(i) || held[i] > 0 {
 			delete(me.offered, i)
+		}
+	}
+	// A blocked reader's piece and the few after it come first, whoever
+	// else holds them: streaming the client's response beats spreading.
+	if req.Want >= 0 {
+		for i := req.Want; i < min(n, req.Want+t.cfg.SeedOffer/2); i++ {
+			if seed.Has(i) && !asker.Has(i) {
+				me.offered[i] = true
+			}
 		}
 	}
 	if len(me.offered) < t.cfg.SeedOffer {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	"go.uber.org/zap/zaptest"
@@ -27,7 +28,7 @@ func newTracker(t *testing.T) (*Tracker, *countingSeeder) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { h.Close() })
-	tr := New(Config{MaxPeers: 5, SeedOffer: 2}, h, zaptest.NewLogger(t))
+	tr := New(Config{MaxPeers: 5, SeedOffer: 2, PollWait: 5 * time.Second}, h, zaptest.NewLogger(t))
 	s := &countingSeeder{}
 	tr.SetSeeder(s)
 	return tr, s
@@ -44,7 +45,7 @@ func bits(n int, set ...int) []byte {
 func poll(tr *Tracker, from peer.ID, have []byte, starved bool) *swarmproto.TrackerResponse {
 	return tr.Serve(context.Background(), from, &swarmproto.TrackerRequest{
 		Op: swarmproto.OpPoll, Digest: digest, Registry: "docker.io", Repo: "library/app",
-		Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: have, Starved: starved,
+		Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: have, Starved: starved, Want: -1,
 	})
 }
 
@@ -57,7 +58,7 @@ func TestPeersAreABoundedSubsetOfUsefulOnes(t *testing.T) {
 			have = bits(4, 0, 1, 2, 3)
 		}
 		tr.Serve(context.Background(), peer.ID(fmt.Sprint("p", i)), &swarmproto.TrackerRequest{
-			Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: have,
+			Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: have, Want: -1,
 		})
 	}
 	resp := poll(tr, "asker", bits(4, 0), false)
@@ -83,7 +84,7 @@ func TestSeedOffersOnlyUnspreadPiecesUnlessStarved(t *testing.T) {
 	tr.SetSeedHave(digest, bits(4, 0, 1, 2, 3))
 	// Another agent already holds pieces 0 and 1.
 	tr.Serve(context.Background(), "other", &swarmproto.TrackerRequest{
-		Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4, 0, 1),
+		Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4, 0, 1), Want: -1,
 	})
 	offer := seedPieces(t, poll(tr, "asker", bits(4), false))
 	if len(offer) != 2 || offer[0] || offer[1] || !offer[2] || !offer[3] {
@@ -133,5 +134,32 @@ func TestSeedFailureIsReportedOnceThenRetried(t *testing.T) {
 	poll(tr, "a", nil, true)
 	if seeder.calls != 2 {
 		t.Fatalf("seed started %d times, want a retry after the reported failure", seeder.calls)
+	}
+}
+
+// A blocked reader's piece is offered at once, even when another agent
+// holds it, so the client's response streams in order.
+func TestWantedPieceIsOfferedAtOnce(t *testing.T) {
+	tr, _ := newTracker(t)
+	tr.SetSize(digest, 4<<20, 1<<20)
+	tr.SetSeedHave(digest, bits(4, 0, 1, 2, 3))
+	tr.Serve(context.Background(), "other", &swarmproto.TrackerRequest{
+		Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4, 0), Want: -1,
+	})
+	first := poll(tr, "asker", bits(4), false)
+	req := &swarmproto.TrackerRequest{
+		Op: swarmproto.OpPoll, Digest: digest, Registry: "docker.io", Repo: "library/app",
+		Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4), Since: first.Version, Want: 0,
+	}
+	// Since is current: without the wanted piece this poll would wait for
+	// PollWait; the test's deadline is far shorter.
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	resp := tr.Serve(ctx, "asker", req)
+	if resp.Error != "" {
+		t.Fatalf("poll with a wanted piece was not answered at once: %s", resp.Error)
+	}
+	if offer := seedPieces(t, resp); !offer[0] {
+		t.Fatalf("offer %v lacks the wanted piece 0", offer)
 	}
 }
