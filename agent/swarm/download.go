@@ -33,7 +33,7 @@ type download struct {
 	inflight map[int][]peer.ID // piece -> peers it is being fetched from
 	running  int
 	progress time.Time
-	order    []int // a random permutation: ties in rarity break randomly
+	order    []int       // a random permutation: ties in rarity break randomly
 	idle     time.Time   // since when nothing was in flight (zero: busy)
 	starved  atomic.Bool // idle too long: ask the tracker for the seed's pieces
 }
@@ -113,7 +113,7 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 		select {
 		case u := <-updates:
 			if u.err != nil {
-				return &errFallback{reason: "tracker: " + u.err.Error()}
+				return &errFallback{reason: "tracker: " + u.err.Error(), trackerLost: true}
 			}
 			if err := d.merge(u.resp); err != nil {
 				return &errFallback{reason: err.Error()}
@@ -267,7 +267,10 @@ func (d *download) schedule(ctx context.Context, wg *sync.WaitGroup, results cha
 		select {
 		case buf = <-d.s.bufs:
 		default:
-			return // every piece buffer of the agent is in use; retry on the next event
+			// Every piece buffer of the agent is in use by other blobs:
+			// waiting for one is not a stall.
+			d.progress = now
+			return
 		}
 		if int64(cap(buf)) < d.p.PieceSize() {
 			buf = make([]byte, d.p.PieceSize())

@@ -91,13 +91,17 @@ func (s *Swarm) BytesFromPeers() int64 { return s.fromPeers.Load() }
 func (s *Swarm) BytesFromSeed() int64 { return s.fromSeed.Load() }
 
 // errFallback carries why the swarm gave up on a blob.
-type errFallback struct{ reason string }
+type errFallback struct {
+	reason      string
+	trackerLost bool // the owning supernode stopped answering
+}
 
 func (e *errFallback) Error() string { return "back to source: " + e.reason }
 
 // Fill implements blobcache.Filler.
 func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started func(*store.Partial)) error {
-	tr, first, err := s.join(ctx, req)
+	tried := map[peer.ID]bool{}
+	tr, first, err := s.join(ctx, req, tried)
 	if err != nil {
 		var oe *ocierr.Error
 		if errors.As(err, &oe) && oe.Status >= 400 && oe.Status < 500 {
@@ -119,13 +123,30 @@ func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started
 	defer p.Release()
 	started(p)
 
-	d := newDownload(s, tr, req, p)
-	err = d.run(ctx, first)
-	var fb *errFallback
-	if errors.As(err, &fb) {
+	var d *download
+	for {
+		d = newDownload(s, tr, req, p)
+		err = d.run(ctx, first)
+		var fb *errFallback
+		if !errors.As(err, &fb) {
+			break
+		}
+		if fb.trackerLost {
+			// Fail over to the next owner: it seeds the blob once more, which
+			// costs the registry one fetch, not one per agent.
+			tried[tr.peer] = true
+			next, nfirst, jerr := s.join(ctx, req, tried)
+			if jerr == nil && nfirst.Size == p.Size() && nfirst.PieceSize == p.PieceSize() {
+				s.log.Warn("supernode lost mid-download; continuing with the next one", zap.String("digest", req.Digest),
+					zap.String("lost", tr.peer.String()), zap.String("next", next.peer.String()), zap.String("reason", fb.reason))
+				tr, first = next, nfirst
+				continue
+			}
+		}
 		s.log.Warn("swarm stalled, fetching missing pieces from upstream", zap.String("digest", req.Digest),
 			zap.String("reason", fb.reason), zap.Int("have", p.Have().Count()), zap.Int("of", piece.Count(p.Size(), p.PieceSize())))
 		err = s.origin.FetchPieces(ctx, req, p, d.cids)
+		break
 	}
 	if err != nil {
 		p.Fail(err)
@@ -145,13 +166,13 @@ func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started
 
 // join asks the blob's supernodes in rendezvous order until one answers
 // with the blob's size.
-func (s *Swarm) join(ctx context.Context, req registryproxy.BlobRequest) (*trackerClient, *swarmproto.TrackerResponse, error) {
-	if len(s.owners) == 0 {
-		return nil, nil, errors.New("no supernode configured")
-	}
-	var errs []error
+func (s *Swarm) join(ctx context.Context, req registryproxy.BlobRequest, skip map[peer.ID]bool) (*trackerClient, *swarmproto.TrackerResponse, error) {
+	errs := []error{errors.New("no supernode left to ask")}
 	for _, id := range rendezvous.Rank(req.Digest, s.owners) {
 		pid, _ := peer.Decode(id)
+		if skip[pid] {
+			continue
+		}
 		tr := &trackerClient{host: s.host, peer: pid, req: req}
 		resp, err := tr.waitForSize(ctx, s.cfg.StallTimeout)
 		if err == nil {
@@ -161,6 +182,7 @@ func (s *Swarm) join(ctx context.Context, req registryproxy.BlobRequest) (*track
 		if errors.As(err, &oe) {
 			return nil, nil, err // the owner answered: no point asking another
 		}
+		skip[pid] = true
 		errs = append(errs, fmt.Errorf("supernode %s: %w", pid, err))
 	}
 	return nil, nil, errors.Join(errs...)

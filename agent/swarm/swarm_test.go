@@ -401,3 +401,70 @@ func TestResponseStreamsInOrder(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// When the owning supernode dies mid-download, agents carry on with the
+// next one by rendezvous order: the registry serves the blob once more,
+// not once per agent.
+func TestOwnerLostMidDownloadFailsOver(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 1, 8<<20)
+	key := swarmKey(t)
+	a := startSupernode(t, key, up.URL(), 4<<20)
+	b := startSupernode(t, key, up.URL(), 4<<20)
+	layers, _ := img.Layers()
+	digest, _ := layers[0].Digest()
+	owner, other := a, b
+	if rendezvous.Rank(digest.String(), []string{a.Host().ID().String(), b.Host().ID().String()})[0] != a.Host().ID().String() {
+		owner, other = b, a
+	}
+	addrs := append(a.Addrs(), b.Addrs()...)
+	var nodes []*node
+	for range 3 {
+		nodes = append(nodes, startAgent(t, key, up.URL(), addrs, nil))
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, len(nodes))
+	for _, n := range nodes {
+		wg.Go(func() {
+			resp, err := http.Get(n.srv.URL + "/v2/app/blobs/" + digest.String())
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer resp.Body.Close()
+			h := sha256.New()
+			if _, err := io.Copy(h, resp.Body); err != nil {
+				errs <- err
+				return
+			}
+			if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); got != digest.String() {
+				errs <- fmt.Errorf("got %s", got)
+			}
+		})
+	}
+	// Kill the owner once pieces are flowing from it.
+	deadline := time.Now().Add(20 * time.Second)
+	for owner.BytesServed() == 0 && time.Now().Before(deadline) {
+		<-time.After(10 * time.Millisecond) // polling a counter; nothing to wait on
+	}
+	if owner.BytesServed() == 0 {
+		t.Fatal("the owner never served a piece")
+	}
+	owner.Close()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if got := up.BlobGETs()[digest.String()]; got != 2 {
+		t.Errorf("layer fetched from upstream %d times, want 2 (the lost owner and its successor)", got)
+	}
+	if other.SeedFetches() != 1 {
+		t.Errorf("successor seeded %d times, want 1", other.SeedFetches())
+	}
+	for _, n := range nodes {
+		if s := n.agent.Stats(); s.FromUpstream != 0 {
+			t.Errorf("an agent fetched %d bytes from upstream itself", s.FromUpstream)
+		}
+	}
+}
