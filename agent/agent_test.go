@@ -442,3 +442,23 @@ func BenchmarkWarmBlobServe(b *testing.B) {
 		get()
 	}
 }
+
+func TestHeadOfUncachedBlobDoesNotFetchIt(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 1, 1<<20)
+	mirror := startAgent(t, nil, up.URL())
+	layers, _ := img.Layers()
+	digest, _ := layers[0].Digest()
+	size, _ := layers[0].Size()
+	resp, err := http.Head(mirror.URL + "/v2/app/blobs/" + digest.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.ContentLength != size {
+		t.Fatalf("HEAD: %d, length %d, want 200 and %d", resp.StatusCode, resp.ContentLength, size)
+	}
+	if n := up.Count("GET blobs"); n != 0 {
+		t.Fatalf("HEAD made %d upstream blob GETs", n)
+	}
+}

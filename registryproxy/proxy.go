@@ -49,6 +49,9 @@ type FileBlob interface {
 // BlobSource supplies blob bytes.
 type BlobSource interface {
 	OpenBlob(ctx context.Context, req BlobRequest) (Blob, error)
+	// Stat returns the size of a blob that is here or on its way, without
+	// starting a fetch.
+	Stat(digest string) (size int64, ok bool)
 }
 
 // ManifestCache keeps manifests by digest and the last digest of each tag.
@@ -263,6 +266,12 @@ func (p *Proxy) serveBlob(w http.ResponseWriter, r *http.Request, reg upstream.R
 	if err := p.authorize(r.Context(), reg, route, "blobs/"+route.Ref, accessKey(reg.Host, route.Repo, authz), authz); err != nil {
 		return err
 	}
+	if r.Method == http.MethodHead {
+		if _, ok := p.cfg.Blobs.Stat(route.Ref); !ok {
+			// Answer a HEAD without pulling the whole blob in.
+			return p.headUpstream(w, r, reg, route, authz)
+		}
+	}
 	blob, err := p.cfg.Blobs.OpenBlob(r.Context(), BlobRequest{Registry: reg, Repo: route.Repo, Digest: route.Ref, Authorization: authz})
 	if err != nil {
 		var oe *ocierr.Error
@@ -307,6 +316,25 @@ func (p *Proxy) serveBlob(w http.ResponseWriter, r *http.Request, reg upstream.R
 		// Headers are gone; the short body makes the client see the failure.
 		p.log.Warn("blob response cut short", zap.String("digest", route.Ref), zap.Error(err))
 	}
+	return nil
+}
+
+func (p *Proxy) headUpstream(w http.ResponseWriter, r *http.Request, reg upstream.Registry, route Route, authz string) error {
+	resp, err := p.cfg.Upstream.Do(r.Context(), upstream.Request{
+		Registry: reg, Repo: route.Repo, Method: http.MethodHead, Path: "blobs/" + route.Ref, Authorization: authz,
+	})
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Docker-Content-Digest", route.Ref)
+	h.Set("Accept-Ranges", "bytes")
+	if resp.ContentLength >= 0 {
+		h.Set("Content-Length", strconv.FormatInt(resp.ContentLength, 10))
+	}
+	w.WriteHeader(http.StatusOK)
 	return nil
 }
 

@@ -90,6 +90,20 @@ func (c *Cache) OpenBlob(ctx context.Context, req registryproxy.BlobRequest) (re
 	return nil, fmt.Errorf("blob %s was filled but is not in the store", req.Digest)
 }
 
+// Stat implements registryproxy.BlobSource.
+func (c *Cache) Stat(digest string) (int64, bool) {
+	if f, size, err := c.store.Open(digest); err == nil {
+		f.Close()
+		return size, true
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if j, ok := c.jobs[digest]; ok && j.p != nil {
+		return j.p.Size(), true
+	}
+	return 0, false
+}
+
 // join returns the running fill for the blob or starts one.
 func (c *Cache) join(req registryproxy.BlobRequest) *job {
 	c.mu.Lock()

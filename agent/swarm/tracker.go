@@ -11,6 +11,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/starling-oci/starling/pkg/ocierr"
+	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/swarmproto"
 	"github.com/starling-oci/starling/pkg/wire"
 	"github.com/starling-oci/starling/registryproxy"
@@ -63,13 +64,13 @@ func (t *trackerClient) call(ctx context.Context, r swarmproto.TrackerRequest) (
 func (t *trackerClient) poll(ctx context.Context, since uint64, known int, have []byte, starved bool, want int) (*swarmproto.TrackerResponse, error) {
 	return t.call(ctx, swarmproto.TrackerRequest{
 		Op: swarmproto.OpPoll, Registry: t.req.Registry.Host, Repo: t.req.Repo, Authorization: t.req.Authorization,
-		Addrs: addrs(t.host), Have: have, Known: known, Since: since, Starved: starved, Want: want,
+		Addrs: p2p.AnnounceAddrs(t.host), Have: have, Known: known, Since: since, Starved: starved, Want: want,
 	})
 }
 
 // have reports our bitmap without waiting.
 func (t *trackerClient) have(ctx context.Context, have []byte) error {
-	_, err := t.call(ctx, swarmproto.TrackerRequest{Op: swarmproto.OpHave, Addrs: addrs(t.host), Have: have, Want: -1})
+	_, err := t.call(ctx, swarmproto.TrackerRequest{Op: swarmproto.OpHave, Addrs: p2p.AnnounceAddrs(t.host), Have: have, Want: -1})
 	return err
 }
 
@@ -90,12 +91,4 @@ func (t *trackerClient) waitForSize(ctx context.Context, limit time.Duration) (*
 		}
 		since = resp.Version
 	}
-}
-
-func addrs(h host.Host) []string {
-	var out []string
-	for _, a := range h.Addrs() {
-		out = append(out, a.String())
-	}
-	return out
 }

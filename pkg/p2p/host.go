@@ -17,6 +17,7 @@ import (
 	libp2pquic "github.com/libp2p/go-libp2p/p2p/transport/quic"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 	"go.uber.org/zap"
 )
 
@@ -165,4 +166,23 @@ func ParsePeerAddr(s string) (peer.AddrInfo, error) {
 		return peer.AddrInfo{}, fmt.Errorf("parse peer address %q: missing transport address before /p2p/<peer id>", s)
 	}
 	return peer.AddrInfo{ID: id, Addrs: []ma.Multiaddr{transport}}, nil
+}
+
+// AnnounceAddrs returns the addresses to give other peers: the host's
+// listen addresses without loopback ones, unless loopback is all it has
+// (a single-machine setup). A peer told to dial 127.0.0.1 would reach
+// its own node.
+func AnnounceAddrs(h host.Host) []string {
+	var public, loopback []string
+	for _, a := range h.Addrs() {
+		if manet.IsIPLoopback(a) {
+			loopback = append(loopback, a.String())
+		} else {
+			public = append(public, a.String())
+		}
+	}
+	if len(public) > 0 {
+		return public
+	}
+	return loopback
 }

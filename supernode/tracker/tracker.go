@@ -17,6 +17,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"go.uber.org/zap"
 
+	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/piece"
 	"github.com/starling-oci/starling/pkg/swarmproto"
 	"github.com/starling-oci/starling/pkg/wire"
@@ -280,7 +281,7 @@ func (t *Tracker) response(s *swarm, from peer.ID, req *swarmproto.TrackerReques
 	}
 	if offer := t.seedOffer(s, from, req); offer != nil {
 		resp.Peers = append(resp.Peers, swarmproto.PeerInfo{
-			ID: t.host.ID().String(), Addrs: hostAddrs(t.host), Have: offer, Seed: true,
+			ID: t.host.ID().String(), Addrs: p2p.AnnounceAddrs(t.host), Have: offer, Seed: true,
 		})
 	}
 	// A bounded random subset of peers that have something the asker lacks.
@@ -404,12 +405,4 @@ func hasMissing(have, mine []byte) bool {
 		}
 	}
 	return false
-}
-
-func hostAddrs(h host.Host) []string {
-	var out []string
-	for _, a := range h.Addrs() {
-		out = append(out, a.String())
-	}
-	return out
 }
