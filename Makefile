@@ -27,7 +27,7 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -timeout 30m $(BENCH_PKGS)
 
 demo:
-	@echo "make demo: coming with the pull-storm benchmark (N agents, a supernode, one registry)."
+	$(GO) run ./e2e/pullstorm -mode both -chart pullstorm.svg -json pullstorm.json
 
 clean:
 	rm -rf bin

@@ -1,0 +1,78 @@
+package main
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestSmallPullStorm runs a small storm in both modes and checks
+// correctness only (timings on a shared CI machine prove nothing): every
+// pull verified, the image crossed the registry link once in p2p mode, and
+// nothing is left behind.
+func TestSmallPullStorm(t *testing.T) {
+	var out strings.Builder
+	cfg := Config{
+		Nodes: 4, Size: 8 << 20, Layers: 2, PieceSize: 1 << 20,
+		AgentBW: 8 << 20, SeedBW: 8 << 20, RegistryBW: 16 << 20,
+		Modes: []string{modeP2P, modeDirect}, Repo: "pullstorm/test",
+		StarlingBin: os.Getenv("STARLING_E2E_BIN"), Race: raceEnabled,
+		Timeout: 2 * time.Minute, Out: &out,
+	}
+	start := time.Now()
+	res, err := run(t.Context(), cfg)
+	t.Logf("run took %v; its output:\n%s", time.Since(start).Round(time.Millisecond), out.String())
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	if len(res.Runs) != 2 {
+		t.Fatalf("got %d runs, want 2 (p2p, direct)", len(res.Runs))
+	}
+	for _, r := range res.Runs {
+		if r.FailedPulls != 0 {
+			t.Errorf("%s: %d failed pulls", r.Mode, r.FailedPulls)
+		}
+		if len(r.Completions) != cfg.Nodes {
+			t.Errorf("%s: %d completion times, want %d", r.Mode, len(r.Completions), cfg.Nodes)
+		}
+		if r.ImageBytes < cfg.Size {
+			t.Errorf("%s: image_bytes %d < payload %d", r.Mode, r.ImageBytes, cfg.Size)
+		}
+		if r.TMinS <= 0 || r.RatioToTMin <= 0 {
+			t.Errorf("%s: t_min_s %v, ratio_to_t_min %v; want both > 0", r.Mode, r.TMinS, r.RatioToTMin)
+		}
+	}
+	p2p, direct := res.Runs[0], res.Runs[1]
+	if p2p.Mode != modeP2P || direct.Mode != modeDirect {
+		t.Fatalf("modes %q, %q; want p2p, direct", p2p.Mode, direct.Mode)
+	}
+	if p2p.EgressRatio > 1.02 {
+		t.Errorf("p2p egress_ratio %.4f > 1.02: the image crossed the registry link more than once", p2p.EgressRatio)
+	}
+	// The baseline proves the counter counts: every node fetched every blob.
+	if direct.EgressRatio < float64(cfg.Nodes) {
+		t.Errorf("direct egress_ratio %.4f < %d nodes", direct.EgressRatio, cfg.Nodes)
+	}
+	if p2p.AgentMaxRSSBytes <= 0 {
+		t.Errorf("p2p agent_max_rss_bytes %d, want > 0", p2p.AgentMaxRSSBytes)
+	}
+
+	// A supernode and an agent per node were started, and all are gone.
+	if len(res.PIDs) != cfg.Nodes+1 {
+		t.Errorf("run reports %d processes, want %d (supernode and agents)", len(res.PIDs), cfg.Nodes+1)
+	}
+	for _, pid := range res.PIDs {
+		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+			t.Errorf("process %d still exists after run (kill -0: %v)", pid, err)
+		}
+	}
+	if res.WorkDir == "" {
+		t.Fatal("run reports no work dir")
+	}
+	if _, err := os.Stat(res.WorkDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("work dir %s not removed (stat: %v)", res.WorkDir, err)
+	}
+}
