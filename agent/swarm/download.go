@@ -34,8 +34,9 @@ type download struct {
 	running  int
 	progress time.Time
 	order    []int       // a random permutation: ties in rarity break randomly
-	idle     time.Time   // since when nothing was in flight (zero: busy)
-	starved  atomic.Bool // idle too long: ask the tracker for the seed's pieces
+	idle     time.Time   // since when no missing piece had a known source (zero: has one)
+	sourced  bool        // the last pick saw a missing piece that some known peer has
+	starved  atomic.Bool // no source for too long: ask the tracker for all of the seed
 }
 
 type peerState struct {
@@ -168,13 +169,14 @@ func (d *download) merge(resp *swarmproto.TrackerResponse) error {
 	return nil
 }
 
-// starveAfter is how long a download may sit with nothing in flight before
-// it asks for the seed's pieces regardless of other peers.
-const starveAfter = 500 * time.Millisecond
+// starveAfter is how long a download may go with nothing in flight and no
+// known peer holding any piece it lacks (its sources are gone or banned)
+// before it asks for everything the seed has. Busy peers are not starvation.
+const starveAfter = time.Second
 
 func (d *download) checkStarved() {
 	switch {
-	case d.running > 0:
+	case d.running > 0 || d.sourced:
 		d.idle = time.Time{}
 		d.starved.Store(false)
 	case d.idle.IsZero():
@@ -186,7 +188,7 @@ func (d *download) checkStarved() {
 
 // minPollInterval keeps N agents' long-polls from turning every piece
 // completion into N immediate round trips.
-const minPollInterval = 100 * time.Millisecond
+const minPollInterval = 250 * time.Millisecond
 
 // pollLoop long-polls the tracker; repeated failures end the swarm.
 func (d *download) pollLoop(ctx context.Context, updates chan<- update) {
@@ -295,8 +297,11 @@ func (d *download) schedule(ctx context.Context, wg *sync.WaitGroup, results cha
 // the endgame, a piece already in flight from a different peer.
 func (d *download) pick(have *piece.Bitmap, now time.Time) (int, peer.ID, bool) {
 	known := len(d.cids)
-	if w := d.p.Waiting(); w >= 0 && w < known {
-		for i := w; i < min(known, w+d.s.cfg.MaxInflight); i++ {
+	// The pieces a blocked reader needs come first, but only a few at a
+	// time: when every client reads in order (a pull storm) the rest of the
+	// slots go rarest-first, which is what spreads pieces fastest.
+	if w := d.p.Waiting(); w >= 0 && w < known && d.readerSlots() < readerSlots {
+		for i := w; i < min(known, w+readerSlots); i++ {
 			if !have.Has(i) && len(d.inflight[i]) == 0 {
 				if from, ok := d.peerFor(i, now); ok {
 					return i, from, true
@@ -306,6 +311,7 @@ func (d *download) pick(have *piece.Bitmap, now time.Time) (int, peer.ID, bool) 
 	}
 	best, bestFrom, bestRarity := -1, peer.ID(""), 0
 	missing := 0
+	d.sourced = false
 	for _, i := range d.order {
 		if i >= known || have.Has(i) {
 			continue
@@ -315,6 +321,9 @@ func (d *download) pick(have *piece.Bitmap, now time.Time) (int, peer.ID, bool) 
 			continue
 		}
 		rarity := d.rarity(i)
+		if rarity > 0 {
+			d.sourced = true
+		}
 		if rarity == 0 || (best >= 0 && rarity >= bestRarity) {
 			continue
 		}
@@ -338,6 +347,21 @@ func (d *download) pick(have *piece.Bitmap, now time.Time) (int, peer.ID, bool) 
 		}
 	}
 	return 0, "", false
+}
+
+// readerSlots is how many downloads may serve a blocked reader at once.
+const readerSlots = 2
+
+// readerSlots counts downloads in flight at or after the reader's piece.
+func (d *download) readerSlots() int {
+	w := d.p.Waiting()
+	n := 0
+	for i := range d.inflight {
+		if i >= w && i < w+readerSlots {
+			n++
+		}
+	}
+	return n
 }
 
 func (d *download) rarity(i int) int {
@@ -365,9 +389,11 @@ outer:
 				continue outer
 			}
 		}
-		load := ps.inflight * 2
+		load := ps.inflight
 		if ps.seed {
-			load++
+			// The seed's upload is the swarm's scarcest resource: use it
+			// only when no agent can serve the piece right now.
+			load += 1 << 20
 		}
 		if load < bestLoad {
 			best, bestLoad = id, load

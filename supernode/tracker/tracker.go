@@ -307,12 +307,20 @@ func (t *Tracker) wantsUnoffered(s *swarm, from peer.ID, req *swarmproto.Tracker
 	if req.Want < 0 || s.size < 0 {
 		return false
 	}
-	seed, err := piece.BitmapFromBytes(piece.Count(s.size, s.pieceSize), s.seedHave)
+	n := piece.Count(s.size, s.pieceSize)
+	seed, err := piece.BitmapFromBytes(n, s.seedHave)
 	if err != nil || !seed.Has(req.Want) {
 		return false
 	}
-	me := s.peers[from]
-	return me == nil || !me.offered[req.Want]
+	for id, p := range s.peers {
+		if p.offered[req.Want] {
+			return false // on its way to someone (maybe the asker)
+		}
+		if have, err := piece.BitmapFromBytes(n, p.have); id != from && err == nil && have.Has(req.Want) {
+			return false
+		}
+	}
+	return true
 }
 
 // seedOffer is the part of the seed's pieces shown to one asker. As in
@@ -356,22 +364,25 @@ func (t *Tracker) seedOffer(s *swarm, from peer.ID, req *swarmproto.TrackerReque
 			delete(me.offered, i)
 		}
 	}
-	// A blocked reader's piece and the few after it come first, whoever
-	// else holds them: streaming the client's response beats spreading.
+	offers := make([]int, n) // how many askers are being offered each piece
+	for _, p := range s.peers {
+		for i := range p.offered {
+			offers[i]++
+		}
+	}
+	// A blocked reader's piece and the few after it come first, unless
+	// another peer holds them or is already fetching them from the seed:
+	// then the reader gets them from that peer, and in a pull storm, where
+	// every client reads in order, the seed still sends each piece once.
 	if req.Want >= 0 {
 		for i := req.Want; i < min(n, req.Want+t.cfg.SeedOffer/2); i++ {
-			if seed.Has(i) && !asker.Has(i) {
+			if seed.Has(i) && !asker.Has(i) && held[i] == 0 && offers[i] == 0 {
 				me.offered[i] = true
+				offers[i]++
 			}
 		}
 	}
 	if len(me.offered) < t.cfg.SeedOffer {
-		offers := make([]int, n) // how many askers are being offered each piece
-		for _, p := range s.peers {
-			for i := range p.offered {
-				offers[i]++
-			}
-		}
 		var candidates []int
 		for _, i := range rand.Perm(n) {
 			if seed.Has(i) && !asker.Has(i) && held[i] == 0 && !me.offered[i] {

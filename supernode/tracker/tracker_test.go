@@ -137,22 +137,22 @@ func TestSeedFailureIsReportedOnceThenRetried(t *testing.T) {
 	}
 }
 
-// A blocked reader's piece is offered at once, even when another agent
-// holds it, so the client's response streams in order.
+// A blocked reader's piece is offered at once when nobody else has it or
+// is getting it, so the client's response streams in order; when another
+// agent holds it, the reader gets it from that agent instead.
 func TestWantedPieceIsOfferedAtOnce(t *testing.T) {
 	tr, _ := newTracker(t)
 	tr.SetSize(digest, 4<<20, 1<<20)
 	tr.SetSeedHave(digest, bits(4, 0, 1, 2, 3))
 	tr.Serve(context.Background(), "other", &swarmproto.TrackerRequest{
-		Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4, 0), Want: -1,
+		Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4, 3), Want: -1,
 	})
-	first := poll(tr, "asker", bits(4), false)
 	req := &swarmproto.TrackerRequest{
 		Op: swarmproto.OpPoll, Digest: digest, Registry: "docker.io", Repo: "library/app",
-		Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4), Since: first.Version, Want: 0,
+		Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4), Since: 1 << 60, Want: 0,
 	}
-	// Since is current: without the wanted piece this poll would wait for
-	// PollWait; the test's deadline is far shorter.
+	// No version reaches Since: without the wanted piece this poll would
+	// wait for PollWait; the test's deadline is far shorter.
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	resp := tr.Serve(ctx, "asker", req)
@@ -161,5 +161,21 @@ func TestWantedPieceIsOfferedAtOnce(t *testing.T) {
 	}
 	if offer := seedPieces(t, resp); !offer[0] {
 		t.Fatalf("offer %v lacks the wanted piece 0", offer)
+	}
+}
+
+func TestWantedPieceHeldElsewhereIsNotOffered(t *testing.T) {
+	tr, _ := newTracker(t)
+	tr.SetSize(digest, 4<<20, 1<<20)
+	tr.SetSeedHave(digest, bits(4, 0, 1, 2, 3))
+	tr.Serve(context.Background(), "other", &swarmproto.TrackerRequest{
+		Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4, 0), Want: -1,
+	})
+	resp := tr.Serve(context.Background(), "asker", &swarmproto.TrackerRequest{
+		Op: swarmproto.OpPoll, Digest: digest, Registry: "docker.io", Repo: "library/app",
+		Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4), Want: 0,
+	})
+	if offer := seedPieces(t, resp); offer[0] {
+		t.Fatalf("offer %v includes piece 0, which another agent holds", offer)
 	}
 }
