@@ -7,7 +7,6 @@ package tracker
 import (
 	"context"
 	"math/rand/v2"
-	"sort"
 	"sync"
 	"time"
 
@@ -325,7 +324,7 @@ func (t *Tracker) wantsUnoffered(s *swarm, from peer.ID, req *swarmproto.Tracker
 
 // seedOffer is the part of the seed's pieces shown to one asker. As in
 // BitTorrent's super-seeding, an asker is offered only pieces no other peer
-// holds yet, a few at a time, the least offered first: each piece then
+// holds or is being offered, a few at a time: each piece then
 // leaves the seed's scarce upload about once and agents spread it. Offers
 // stick to an asker until it has the piece or another peer does. Callers
 // hold t.mu.
@@ -383,15 +382,17 @@ func (t *Tracker) seedOffer(s *swarm, from peer.ID, req *swarmproto.TrackerReque
 		}
 	}
 	if len(me.offered) < t.cfg.SeedOffer {
-		var candidates []int
+		// Each piece is on offer to one asker at a time: the others get it
+		// from that one. An asker that dies with offers stuck to it is
+		// covered by starvation (every piece for a starved asker).
 		for _, i := range rand.Perm(n) {
-			if seed.Has(i) && !asker.Has(i) && held[i] == 0 && !me.offered[i] {
-				candidates = append(candidates, i)
+			if len(me.offered) >= t.cfg.SeedOffer {
+				break
 			}
-		}
-		sort.SliceStable(candidates, func(a, b int) bool { return offers[candidates[a]] < offers[candidates[b]] })
-		for _, i := range candidates[:min(len(candidates), t.cfg.SeedOffer-len(me.offered))] {
-			me.offered[i] = true
+			if seed.Has(i) && !asker.Has(i) && held[i] == 0 && offers[i] == 0 {
+				me.offered[i] = true
+				offers[i]++
+			}
 		}
 	}
 	if len(me.offered) == 0 {
