@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"time"
 
 	"github.com/ipfs/go-cid"
 	"go.uber.org/zap"
@@ -34,14 +35,18 @@ type Partial struct {
 
 	mu      sync.Mutex
 	changed chan struct{} // closed and replaced on every state change
-	have    piece.Bitmap  // pieces whose bytes are durable
-	mark    int64         // bytes [0, mark) are written (maybe not yet durable)
-	inline  *piece.Hasher // set when an append started at 0: digest without a re-read
-	hashed  bool          // inline saw every byte
-	err     error         // terminal failure
-	done    bool          // committed: the file is complete and verified
-	refs    int
-	waiting map[int]int // piece index -> readers blocked on it
+	have    piece.Bitmap  // pieces whose bytes are written (and verified, from the swarm)
+	dirty   bool          // have holds pieces not yet recorded as durable
+
+	syncMu   sync.Mutex // serializes fsync + record, and commit
+	syncedAt time.Time
+	mark     int64         // bytes [0, mark) are written (maybe not yet durable)
+	inline   *piece.Hasher // set when an append started at 0: digest without a re-read
+	hashed   bool          // inline saw every byte
+	err      error         // terminal failure
+	done     bool          // committed: the file is complete and verified
+	refs     int
+	waiting  map[int]int // piece index -> readers blocked on it
 }
 
 func (p *Partial) lock()   { p.mu.Lock() }
@@ -163,6 +168,9 @@ func (p *Partial) Release() {
 	if p.s.partials[p.digest] == p {
 		delete(p.s.partials, p.digest)
 	}
+	if err := p.sync(true); err != nil {
+		p.s.log.Warn("record progress of partial blob", zap.String("digest", p.digest), zap.Error(err))
+	}
 	p.f.Close()
 }
 
@@ -221,25 +229,41 @@ func (p *Partial) WritePiece(i int, data []byte) error {
 	if _, err := p.f.WriteAt(data, off); err != nil {
 		return fmt.Errorf("write piece %d of %s: %w", i, p.digest, err)
 	}
-	if err := p.f.Sync(); err != nil {
-		return fmt.Errorf("sync piece %d of %s: %w", i, p.digest, err)
-	}
 	p.lock()
-	defer p.unlock()
 	p.have.Set(i)
-	if err := p.persist(); err != nil {
-		return err
-	}
+	p.dirty = true
 	if end := p.contiguous(); end > p.mark {
 		p.mark = end
 	}
 	p.notify()
-	return nil
+	p.unlock()
+	return p.sync(false)
 }
 
-// persist writes the bitmap to badger; callers hold the lock.
-func (p *Partial) persist() error {
-	return p.s.putMeta(p.digest, blobMeta{Size: p.size, PieceSize: p.pieceSize, Have: p.have.Bytes(), LastAccess: p.s.now().Unix()})
+// syncInterval is how often written pieces are made durable and recorded.
+// One fsync per piece cost more than the piece transfer itself; a crash
+// loses at most this much progress, never correctness: only pieces written
+// before an fsync are recorded.
+const syncInterval = 500 * time.Millisecond
+
+// sync makes the written pieces durable and records them in badger, at
+// most once per syncInterval unless forced.
+func (p *Partial) sync(force bool) error {
+	p.syncMu.Lock()
+	defer p.syncMu.Unlock()
+	p.lock()
+	if !p.dirty || p.done || (!force && time.Since(p.syncedAt) < syncInterval) {
+		p.unlock()
+		return nil
+	}
+	snapshot := p.have.Bytes()
+	p.dirty = false
+	p.unlock()
+	if err := p.f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", p.digest, err)
+	}
+	p.syncedAt = time.Now()
+	return p.s.putMeta(p.digest, blobMeta{Size: p.size, PieceSize: p.pieceSize, Have: snapshot, LastAccess: p.s.now().Unix()})
 }
 
 // Append fills the blob sequentially from the first missing byte with r,
@@ -299,26 +323,17 @@ func (p *Partial) advance(off int64, next *int) error {
 		}
 		complete++
 	}
-	if complete > *next {
-		if err := p.f.Sync(); err != nil {
-			return fmt.Errorf("sync %s: %w", p.digest, err)
-		}
-	}
 	p.lock()
-	defer p.unlock()
 	for ; *next < complete; *next++ {
 		p.have.Set(*next)
-	}
-	if complete > 0 {
-		if err := p.persist(); err != nil {
-			return err
-		}
+		p.dirty = true
 	}
 	if off > p.mark {
 		p.mark = off
 	}
 	p.notify()
-	return nil
+	p.unlock()
+	return p.sync(false)
 }
 
 // available reports whether [off, off+n) can be read; callers hold the lock.
@@ -447,6 +462,8 @@ func (p *Partial) Commit() error {
 		p.discard()
 		return err
 	}
+	p.syncMu.Lock()
+	defer p.syncMu.Unlock()
 	if err := p.f.Sync(); err != nil {
 		return fmt.Errorf("commit %s: sync: %w", p.digest, err)
 	}
