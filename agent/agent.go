@@ -42,6 +42,7 @@ type Config struct {
 	FetchTimeout config.Duration `yaml:"fetch-timeout"`
 	LogLevel     string          `yaml:"log-level"`
 	AddrFile     string          `yaml:"addr-file"`
+	Prefetch     bool            `yaml:"prefetch"`
 
 	// P2P: with no supernode the agent is a plain caching mirror.
 	Supernodes   config.Strings  `yaml:"supernode"`
@@ -64,6 +65,7 @@ func DefaultConfig() Config {
 		PieceSize:    config.Bytes(piece.DefaultSize),
 		FetchTimeout: config.Duration(30 * time.Minute),
 		LogLevel:     "info",
+		Prefetch:     true,
 		P2PListen:    config.Strings{Values: []string{"/ip4/0.0.0.0/tcp/4002"}},
 		MaxUploads:   8,
 		MaxInflight:  8,
@@ -82,6 +84,7 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.Var(&c.PieceSize, "piece-size", "piece size for blobs fetched from upstream")
 	fs.Var(&c.FetchTimeout, "fetch-timeout", "upper bound on one blob fetch")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
+	fs.BoolVar(&c.Prefetch, "prefetch", c.Prefetch, "start fetching an image's config and layers as soon as its manifest is pulled")
 	fs.StringVar(&c.AddrFile, "addr-file", c.AddrFile, "write the bound addresses as JSON to this file once listening (for tests and scripts)")
 	fs.Var(&c.Supernodes, "supernode", "supernode multiaddr with /p2p/<id> (repeatable; each blob's owner is chosen by rendezvous hashing); none = no P2P")
 	fs.Var(&c.P2PListen, "p2p-listen", "libp2p listen multiaddr (repeatable)")
@@ -151,7 +154,7 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 	a.cache = cache
 	proxy := registryproxy.New(registryproxy.Config{
 		Registries: regs, Upstream: up, Manifests: st, Blobs: cache,
-		AuthTTL: time.Duration(cfg.AuthTTL), Log: log.Named("proxy"),
+		AuthTTL: time.Duration(cfg.AuthTTL), Prefetch: cfg.Prefetch, Log: log.Named("proxy"),
 	})
 	mux := http.NewServeMux()
 	mux.Handle("/v2/", proxy)

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -460,5 +461,33 @@ func TestHeadOfUncachedBlobDoesNotFetchIt(t *testing.T) {
 	}
 	if n := up.Count("GET blobs"); n != 0 {
 		t.Fatalf("HEAD made %d upstream blob GETs", n)
+	}
+}
+
+func TestManifestPullPrefetchesBlobs(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 2, 64<<10)
+	mirror := startAgent(t, nil, up.URL())
+	resp, err := http.Get(mirror.URL + "/v2/app/manifests/v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	// Config and both layers are fetched without any client asking.
+	deadline := time.Now().Add(10 * time.Second)
+	for up.Count("GET blobs") < 3 && time.Now().Before(deadline) {
+		<-time.After(5 * time.Millisecond) // polling a counter; nothing to wait on
+	}
+	if n := up.Count("GET blobs"); n != 3 {
+		t.Fatalf("upstream saw %d blob GETs after a manifest pull, want 3", n)
+	}
+	// And the pull that follows is served from the cache.
+	want, _ := img.Digest()
+	if got := pull(t, mirror, "app:v1"); got != want {
+		t.Fatalf("digest %s, want %s", got, want)
+	}
+	if n := up.Count("GET blobs"); n != 3 {
+		t.Fatalf("upstream saw %d blob GETs in all, want 3", n)
 	}
 }

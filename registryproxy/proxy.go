@@ -8,6 +8,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -52,6 +53,8 @@ type BlobSource interface {
 	// Stat returns the size of a blob that is here or on its way, without
 	// starting a fetch.
 	Stat(digest string) (size int64, ok bool)
+	// Prefetch starts fetching a blob nobody reads yet; it does not block.
+	Prefetch(req BlobRequest)
 }
 
 // ManifestCache keeps manifests by digest and the last digest of each tag.
@@ -73,8 +76,12 @@ type Config struct {
 	// Negative disables the check (anyone who reaches the mirror may read
 	// anything it has cached).
 	AuthTTL time.Duration
-	Log     *zap.Logger
-	Now     func() time.Time
+	// Prefetch starts fetching an image's config and layers as soon as its
+	// manifest goes through, instead of when the client asks for each one
+	// (containerd fetches at most 3 at a time).
+	Prefetch bool
+	Log      *zap.Logger
+	Now      func() time.Time
 }
 
 // Proxy is the mirror's HTTP handler.
@@ -154,6 +161,9 @@ func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstre
 			if err := p.authorize(r.Context(), reg, route, "manifests/"+route.Ref, key, authz); err != nil {
 				return err
 			}
+			if p.cfg.Prefetch && r.Method == http.MethodGet {
+				p.prefetch(reg, route.Repo, authz, m) // blobs may have been evicted
+			}
 			return writeManifest(w, r, route.Ref, m)
 		}
 	}
@@ -197,6 +207,9 @@ func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstre
 		return ocierr.New(http.StatusBadGateway, ocierr.ManifestInvalid, "upstream manifest hashes to %s, not %s", digest, route.Ref)
 	}
 	m := store.Manifest{MediaType: resp.Header.Get("Content-Type"), Body: body}
+	if p.cfg.Prefetch {
+		p.prefetch(reg, route.Repo, authz, m)
+	}
 	if err := p.cfg.Manifests.PutManifest(digest, m); err != nil {
 		p.log.Warn("cache manifest", zap.String("digest", digest), zap.Error(err))
 	} else if !route.IsDigest() {
@@ -205,6 +218,36 @@ func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstre
 		}
 	}
 	return writeManifest(w, r, digest, m)
+}
+
+// imageManifest is the part of an image manifest (OCI or Docker schema 2)
+// that names its blobs. Indexes have no config and are not prefetched: that
+// would pull every platform.
+type imageManifest struct {
+	Config struct {
+		Digest string `json:"digest"`
+	} `json:"config"`
+	Layers []struct {
+		Digest string `json:"digest"`
+	} `json:"layers"`
+}
+
+const maxPrefetchBlobs = 256
+
+func (p *Proxy) prefetch(reg upstream.Registry, repo, authz string, m store.Manifest) {
+	var im imageManifest
+	if json.Unmarshal(m.Body, &im) != nil || im.Config.Digest == "" {
+		return
+	}
+	digests := []string{im.Config.Digest}
+	for _, l := range im.Layers {
+		digests = append(digests, l.Digest)
+	}
+	for _, d := range digests[:min(len(digests), maxPrefetchBlobs)] {
+		if sha256Pattern.MatchString(d) {
+			p.cfg.Blobs.Prefetch(BlobRequest{Registry: reg, Repo: repo, Digest: d, Authorization: authz})
+		}
+	}
 }
 
 // serveStaleTag answers a tag from cache while the upstream is down, for a

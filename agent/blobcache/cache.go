@@ -104,6 +104,20 @@ func (c *Cache) Stat(digest string) (int64, bool) {
 	return 0, false
 }
 
+// Prefetch implements registryproxy.BlobSource: it starts the fill of a
+// blob that is neither here nor on its way.
+func (c *Cache) Prefetch(req registryproxy.BlobRequest) {
+	if c.store.Has(req.Digest) {
+		return
+	}
+	select {
+	case <-c.closing:
+		return
+	default:
+	}
+	c.join(req)
+}
+
 // join returns the running fill for the blob or starts one.
 func (c *Cache) join(req registryproxy.BlobRequest) *job {
 	c.mu.Lock()
