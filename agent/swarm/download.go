@@ -101,7 +101,7 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 	go func() { defer wg.Done(); d.pollLoop(ctx, updates) }()
 	go func() { defer wg.Done(); d.announceLoop(ctx, announce) }()
 
-	tick := time.NewTicker(250 * time.Millisecond)
+	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		have := d.p.Have()
@@ -188,7 +188,7 @@ func (d *download) checkStarved() {
 
 // minPollInterval keeps N agents' long-polls from turning every piece
 // completion into N immediate round trips.
-const minPollInterval = 250 * time.Millisecond
+const minPollInterval = 100 * time.Millisecond
 
 // pollLoop long-polls the tracker; repeated failures end the swarm.
 func (d *download) pollLoop(ctx context.Context, updates chan<- update) {
@@ -432,7 +432,7 @@ func (d *download) finish(r result) error {
 		d.s.log.Warn("peer sent a corrupt piece; dropping it for this blob", zap.String("peer", r.from.String()),
 			zap.String("digest", d.req.Digest), zap.Int("piece", r.i), zap.Error(r.err))
 	case errors.Is(r.err, pieceserver.ErrBusy), errors.Is(r.err, pieceserver.ErrUnavailable):
-		ps.cooldown = time.Now().Add(200 * time.Millisecond)
+		ps.cooldown = time.Now().Add(50 * time.Millisecond)
 	default:
 		ps.cooldown = time.Now().Add(time.Second)
 		if ps.failures++; ps.failures >= 3 {
