@@ -67,7 +67,7 @@ func DefaultConfig() Config {
 		LogLevel:     "info",
 		Prefetch:     true,
 		P2PListen:    config.Strings{Values: []string{"/ip4/0.0.0.0/tcp/4002"}},
-		MaxUploads:   8,
+		MaxUploads:   4,
 		MaxInflight:  8,
 		StallTimeout: config.Duration(15 * time.Second),
 	}

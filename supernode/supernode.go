@@ -47,7 +47,7 @@ func DefaultConfig() Config {
 	return Config{
 		P2PListen:    config.Strings{Values: []string{"/ip4/0.0.0.0/tcp/4001"}},
 		DataDir:      "/var/lib/starling/supernode",
-		MaxUploads:   32,
+		MaxUploads:   8,
 		PieceSize:    config.Bytes(piece.DefaultSize),
 		FetchTimeout: config.Duration(30 * time.Minute),
 		LogLevel:     "info",

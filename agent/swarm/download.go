@@ -27,16 +27,18 @@ type download struct {
 	p     *store.Partial
 	count int
 
-	cids     []cid.Cid
-	version  uint64
-	peers    map[peer.ID]*peerState
-	inflight map[int][]peer.ID // piece -> peers it is being fetched from
-	running  int
-	progress time.Time
-	order    []int       // a random permutation: ties in rarity break randomly
-	idle     time.Time   // since when no missing piece had a known source (zero: has one)
-	sourced  bool        // the last pick saw a missing piece that some known peer has
-	starved  atomic.Bool // no source for too long: ask the tracker for all of the seed
+	cids       []cid.Cid
+	version    uint64
+	peers      map[peer.ID]*peerState
+	inflight   map[int][]peer.ID // piece -> peers it is being fetched from
+	running    int
+	progress   time.Time
+	order      []int        // a random permutation: ties in rarity break randomly
+	idle       time.Time    // since when no missing piece had a known source (zero: has one)
+	sourced    bool         // the last pick saw a missing piece that some known peer has
+	lastData   atomic.Int64 // unix nanos of the last piece bytes received
+	swarmMoved time.Time    // the last tracker news of progress anywhere in the swarm
+	starved    atomic.Bool  // no source for too long: ask the tracker for all of the seed
 }
 
 type peerState struct {
@@ -116,6 +118,11 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 			if u.err != nil {
 				return &errFallback{reason: "tracker: " + u.err.Error(), trackerLost: true}
 			}
+			if u.resp.Version > d.version {
+				// The swarm moved (a peer or the seed got pieces): waiting
+				// our turn behind a slow seed is not a stall.
+				d.swarmMoved = time.Now()
+			}
 			if err := d.merge(u.resp); err != nil {
 				return &errFallback{reason: err.Error()}
 			}
@@ -129,7 +136,7 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 			}
 		case <-changed: // a reader moved, or a piece landed
 		case <-tick.C:
-			if time.Since(d.progress) > d.s.cfg.StallTimeout {
+			if d.stalled() {
 				return &errFallback{reason: "no piece completed in " + d.s.cfg.StallTimeout.String()}
 			}
 		case <-ctx.Done():
@@ -169,6 +176,30 @@ func (d *download) merge(resp *swarmproto.TrackerResponse) error {
 	return nil
 }
 
+// sawData records that piece bytes are arriving (called from transfers).
+func (d *download) sawData(int) { d.lastData.Store(time.Now().UnixNano()) }
+
+// stalled reports a download that for StallTimeout has completed no piece,
+// received no byte, and heard of no progress anywhere in its swarm, while
+// it had no source to wait on. A slow swarm (low bandwidth, busy peers, a
+// seed still handing out the first pieces) is not stalled: going back to
+// source then would multiply the registry's load, the very thing Starling
+// avoids.
+func (d *download) stalled() bool {
+	last := d.progress
+	if t := time.Unix(0, d.lastData.Load()); t.After(last) {
+		last = t
+	}
+	if d.swarmMoved.After(last) {
+		last = d.swarmMoved
+	}
+	if d.sourced && d.running == 0 {
+		// Sources exist but are all busy or cooling down: that is contention.
+		return false
+	}
+	return time.Since(last) > d.s.cfg.StallTimeout
+}
+
 // starveAfter is how long a download may go with nothing in flight and no
 // known peer holding any piece it lacks (its sources are gone or banned)
 // before it asks for everything the seed has. Busy peers are not starvation.
@@ -181,7 +212,9 @@ func (d *download) checkStarved() {
 		d.starved.Store(false)
 	case d.idle.IsZero():
 		d.idle = time.Now()
-	case time.Since(d.idle) > starveAfter:
+	case time.Since(d.idle) > starveAfter && time.Since(d.swarmMoved) > starveAfter:
+		// No source and no news: our sources are gone or banned. (With
+		// news, pieces are spreading and one will reach us.)
 		d.starved.Store(true)
 	}
 }
@@ -286,7 +319,7 @@ func (d *download) schedule(ctx context.Context, wg *sync.WaitGroup, results cha
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			data, err := pieceserver.Fetch(ctx, d.s.host, from, req, length, c, buf, d.s.cfg.Download)
+			data, err := pieceserver.Fetch(ctx, d.s.host, from, req, length, c, buf, d.s.cfg.Download, d.sawData)
 			results <- result{i: i, from: from, data: data, buf: buf, err: err}
 		}()
 	}

@@ -38,6 +38,9 @@ const (
 	unavailableMsg = "piece not available"
 )
 
+// queueWait bounds how long a request waits for an upload slot.
+const queueWait = 250 * time.Millisecond
+
 // Server answers piece requests from the local store.
 type Server struct {
 	store  *store.Store
@@ -74,10 +77,15 @@ func (s *Server) handle(st network.Stream) {
 		_ = wire.WriteMsg(st, swarmproto.PieceHeader{Error: err.Error()})
 		return
 	}
+	// Wait for an upload slot rather than answer busy at once: a few
+	// uploads at full speed finish pieces sooner (and so spread them
+	// sooner) than many slow ones, and waiting costs no retry traffic.
+	wait := time.NewTimer(queueWait)
+	defer wait.Stop()
 	select {
 	case s.slots <- struct{}{}:
 		defer func() { <-s.slots }()
-	default:
+	case <-wait.C:
 		_ = wire.WriteMsg(st, swarmproto.PieceHeader{Error: busyMsg})
 		return
 	}
@@ -103,7 +111,9 @@ func (s *Server) handle(st network.Stream) {
 
 // Fetch downloads piece req.Index of length want from peer p into buf and
 // verifies it against c. buf must hold at least the piece's length.
-func Fetch(ctx context.Context, h host.Host, p peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, down *ratelimit.Limiter) ([]byte, error) {
+// onData, if not nil, hears of every chunk of bytes as it arrives, so a
+// caller can tell a slow transfer from a dead one.
+func Fetch(ctx context.Context, h host.Host, p peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, down *ratelimit.Limiter, onData func(n int)) ([]byte, error) {
 	if int64(len(buf)) < length {
 		return nil, fmt.Errorf("fetch piece %d: buffer of %d bytes for %d", req.Index, len(buf), length)
 	}
@@ -142,7 +152,11 @@ func Fetch(ctx context.Context, h host.Host, p peer.ID, req swarmproto.PieceRequ
 		return nil, fmt.Errorf("piece %d from %s: %d bytes, want %d: %w", req.Index, p, hdr.Size, length, ErrCorrupt)
 	}
 	data := buf[:length]
-	if _, err := io.ReadFull(down.Reader(ctx, st), data); err != nil {
+	var body io.Reader = down.Reader(ctx, st)
+	if onData != nil {
+		body = progressReader{r: body, onData: onData}
+	}
+	if _, err := io.ReadFull(body, data); err != nil {
 		st.Reset()
 		return nil, fmt.Errorf("read piece %d from %s: %w", req.Index, p, err)
 	}
@@ -150,4 +164,17 @@ func Fetch(ctx context.Context, h host.Host, p peer.ID, req swarmproto.PieceRequ
 		return nil, fmt.Errorf("piece %d of %s from %s: %w: %w", req.Index, req.Digest, p, ErrCorrupt, err)
 	}
 	return data, nil
+}
+
+type progressReader struct {
+	r      io.Reader
+	onData func(int)
+}
+
+func (p progressReader) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	if n > 0 {
+		p.onData(n)
+	}
+	return n, err
 }

@@ -79,19 +79,19 @@ func TestFetchVerifiesPieces(t *testing.T) {
 	for i := range 3 {
 		off, length := piece.Bounds(i, int64(len(blob)), pieceSize)
 		want := blob[off : off+length]
-		got, err := Fetch(context.Background(), client, server, swarmproto.PieceRequest{Digest: digest, PieceSize: pieceSize, Index: i}, length, piece.CID(want), buf, nil)
+		got, err := Fetch(context.Background(), client, server, swarmproto.PieceRequest{Digest: digest, PieceSize: pieceSize, Index: i}, length, piece.CID(want), buf, nil, nil)
 		if err != nil || !bytes.Equal(got, want) {
 			t.Fatalf("piece %d: %v", i, err)
 		}
 	}
 	// A CID that does not match what the peer sends is a corrupt piece.
-	_, err := Fetch(context.Background(), client, server, swarmproto.PieceRequest{Digest: digest, PieceSize: pieceSize, Index: 0}, pieceSize, piece.CID([]byte("other")), buf, nil)
+	_, err := Fetch(context.Background(), client, server, swarmproto.PieceRequest{Digest: digest, PieceSize: pieceSize, Index: 0}, pieceSize, piece.CID([]byte("other")), buf, nil, nil)
 	if !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("mismatching piece: %v, want ErrCorrupt", err)
 	}
 	// A piece of a blob the peer does not have.
 	other := "sha256:" + hex.EncodeToString(make([]byte, 32))
-	_, err = Fetch(context.Background(), client, server, swarmproto.PieceRequest{Digest: other, PieceSize: pieceSize, Index: 0}, pieceSize, piece.CID(nil), buf, nil)
+	_, err = Fetch(context.Background(), client, server, swarmproto.PieceRequest{Digest: other, PieceSize: pieceSize, Index: 0}, pieceSize, piece.CID(nil), buf, nil, nil)
 	if !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("unknown blob: %v, want ErrUnavailable", err)
 	}
@@ -116,7 +116,7 @@ func BenchmarkPieceTransfer(b *testing.B) {
 	for i := 0; b.Loop(); i++ {
 		k := i % 8
 		req := swarmproto.PieceRequest{Digest: digest, PieceSize: ps, Index: k}
-		if _, err := Fetch(context.Background(), client, server, req, pieces[k].length, pieces[k].c, buf, nil); err != nil {
+		if _, err := Fetch(context.Background(), client, server, req, pieces[k].length, pieces[k].c, buf, nil, nil); err != nil {
 			b.Fatal(err)
 		}
 	}
