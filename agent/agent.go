@@ -94,7 +94,7 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.Var(&c.DownloadRate, "download-rate", "download cap from peers and upstream in bytes/s (0 = unlimited)")
 	fs.IntVar(&c.MaxUploads, "max-uploads", c.MaxUploads, "concurrent piece uploads to peers")
 	fs.IntVar(&c.MaxInflight, "max-inflight", c.MaxInflight, "concurrent piece downloads of the agent (each holds one piece in memory)")
-	fs.Var(&c.StallTimeout, "stall-timeout", "go back to the upstream registry when the swarm completes no piece for this long")
+	fs.Var(&c.StallTimeout, "stall-timeout", "go back to the upstream registry when, this long, no piece completed, no byte arrived and the swarm reported no progress")
 }
 
 // Validate checks the configuration.
@@ -105,8 +105,8 @@ func (c *Config) Validate() error {
 	if c.DataDir == "" {
 		return errors.New("--data-dir is required")
 	}
-	if ps := int64(c.PieceSize); ps < 64<<10 || ps > 64<<20 {
-		return fmt.Errorf("--piece-size %d out of range [64KiB, 64MiB]", ps)
+	if ps := int64(c.PieceSize); ps < piece.MinSize || ps > piece.MaxSize {
+		return fmt.Errorf("--piece-size %d out of range [%d, %d]", ps, piece.MinSize, piece.MaxSize)
 	}
 	return nil
 }

@@ -12,6 +12,8 @@ import (
 	"os/signal"
 	"syscall"
 
+	"go.uber.org/zap"
+
 	"github.com/starling-oci/starling/agent"
 	"github.com/starling-oci/starling/pkg/config"
 	"github.com/starling-oci/starling/pkg/logging"
@@ -80,30 +82,29 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 
 func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 	cfg := agent.DefaultConfig()
-	fs := flag.NewFlagSet("starling agent", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	if err := config.Load(fs, args, &cfg, cfg.BindFlags); err != nil {
-		return err
-	}
-	log, err := logging.New(cfg.LogLevel)
-	if err != nil {
-		return err
-	}
-	defer func() { _ = log.Sync() }()
-	return agent.Run(ctx, cfg, log)
+	return runDaemon(ctx, "starling agent", args, stderr, &cfg, cfg.BindFlags, func() string { return cfg.LogLevel },
+		func(log *zap.Logger) error { return agent.Run(ctx, cfg, log) })
 }
 
 func runSupernode(ctx context.Context, args []string, stderr io.Writer) error {
 	cfg := supernode.DefaultConfig()
-	fs := flag.NewFlagSet("starling supernode", flag.ContinueOnError)
+	return runDaemon(ctx, "starling supernode", args, stderr, &cfg, cfg.BindFlags, func() string { return cfg.LogLevel },
+		func(log *zap.Logger) error { return supernode.Run(ctx, cfg, log) })
+}
+
+// runDaemon loads a long-running command's settings (defaults, YAML,
+// flags), builds its logger at the configured level and runs it.
+func runDaemon(ctx context.Context, name string, args []string, stderr io.Writer, cfg any, bind func(*flag.FlagSet),
+	level func() string, run func(*zap.Logger) error) error {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	if err := config.Load(fs, args, &cfg, cfg.BindFlags); err != nil {
+	if err := config.Load(fs, args, cfg, bind); err != nil {
 		return err
 	}
-	log, err := logging.New(cfg.LogLevel)
+	log, err := logging.New(level())
 	if err != nil {
 		return err
 	}
 	defer func() { _ = log.Sync() }()
-	return supernode.Run(ctx, cfg, log)
+	return run(log)
 }
