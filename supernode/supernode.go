@@ -5,13 +5,17 @@ package supernode
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"net"
+	"net/http"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
 	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/starling-oci/starling/pkg/addrfile"
 	"github.com/starling-oci/starling/pkg/config"
@@ -40,6 +44,7 @@ type Config struct {
 	FetchTimeout config.Duration `yaml:"fetch-timeout"`
 	LogLevel     string          `yaml:"log-level"`
 	AddrFile     string          `yaml:"addr-file"`
+	HTTPListen   string          `yaml:"http-listen"`
 }
 
 // DefaultConfig returns the defaults.
@@ -69,6 +74,7 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.Var(&c.FetchTimeout, "fetch-timeout", "upper bound on one upstream blob fetch")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&c.AddrFile, "addr-file", c.AddrFile, "write the dialable addresses as JSON to this file once listening")
+	fs.StringVar(&c.HTTPListen, "http-listen", c.HTTPListen, "address of the HTTP status server (/healthz, /metrics, /status); empty = none")
 }
 
 // Validate checks the configuration.
@@ -137,6 +143,25 @@ func (s *Supernode) SeedFetches() int { return s.seed.Fetches() }
 // BytesServed counts piece bytes uploaded to agents.
 func (s *Supernode) BytesServed() int64 { return s.pieces.BytesServed() }
 
+// Handler serves /healthz, /metrics (Prometheus text) and /status (JSON:
+// the blobs the tracker knows).
+func (s *Supernode) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+		fmt.Fprintf(w, "# TYPE starling_seed_fetches_total counter\nstarling_seed_fetches_total %d\n", s.SeedFetches())
+		fmt.Fprintf(w, "# TYPE starling_piece_bytes_served_total counter\nstarling_piece_bytes_served_total %d\n", s.BytesServed())
+		fmt.Fprintf(w, "# TYPE starling_tracked_blobs gauge\nstarling_tracked_blobs %d\n", len(s.tracker.Status()))
+		fmt.Fprintf(w, "# TYPE starling_cache_used_bytes gauge\nstarling_cache_used_bytes %d\n", s.store.Used())
+	})
+	mux.HandleFunc("/status", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{"peer_id": s.host.ID().String(), "addrs": s.Addrs(), "blobs": s.tracker.Status()})
+	})
+	return mux
+}
+
 // Close stops the supernode.
 func (s *Supernode) Close() error {
 	s.seed.Close()
@@ -159,6 +184,28 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 			return err
 		}
 	}
-	<-ctx.Done()
-	return nil
+	if cfg.HTTPListen == "" {
+		<-ctx.Done()
+		return nil
+	}
+	ln, err := net.Listen("tcp", cfg.HTTPListen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.HTTPListen, err)
+	}
+	log.Info("status server listening", zap.String("addr", ln.Addr().String()))
+	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("serve status: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-gctx.Done()
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return srv.Shutdown(shutdownCtx)
+	})
+	return g.Wait()
 }

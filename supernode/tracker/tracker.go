@@ -167,6 +167,25 @@ func (t *Tracker) Fail(digest string, err error, status int) {
 	s.bump()
 }
 
+// BlobStatus is the tracker's view of one blob, for the status API.
+type BlobStatus struct {
+	Digest string `json:"digest"`
+	Size   int64  `json:"size"`
+	Pieces int    `json:"pieces_known"`
+	Peers  int    `json:"peers"`
+}
+
+// Status lists every blob the tracker knows.
+func (t *Tracker) Status() []BlobStatus {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]BlobStatus, 0, len(t.blobs))
+	for d, s := range t.blobs {
+		out = append(out, BlobStatus{Digest: d, Size: s.size, Pieces: len(s.pieces), Peers: len(s.peers)})
+	}
+	return out
+}
+
 // Metainfo returns what is known of a blob (for status and tests).
 func (t *Tracker) Metainfo(digest string) (size int64, pieces int, peers int) {
 	t.mu.Lock()
