@@ -1,6 +1,10 @@
 package supernode
 
 import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -11,6 +15,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/starling-oci/starling/pkg/config"
+	"github.com/starling-oci/starling/pkg/swarmproto"
 )
 
 func TestStatusEndpoints(t *testing.T) {
@@ -50,5 +55,45 @@ func TestStatusEndpoints(t *testing.T) {
 	}
 	if err := json.Unmarshal([]byte(get("/status")), &st); err != nil || st.PeerID != s.Host().ID().String() || len(st.Addrs) == 0 {
 		t.Fatalf("/status = %+v, %v", st, err)
+	}
+}
+
+// A blob the supernode has whole but whose piece table was lost (a crash
+// between commit and recording it) is re-hashed and published, without
+// asking upstream.
+func TestCompleteBlobWithoutPieceTableIsRepublished(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.P2PListen = config.Strings{Values: []string{"/ip4/127.0.0.1/tcp/0"}}
+	cfg.DataDir = t.TempDir()
+	cfg.Registries = config.Strings{Values: []string{"http://127.0.0.1:1"}} // unreachable on purpose
+	cfg.PieceSize = 64 << 10
+	s, err := New(cfg, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	blob := bytes.Repeat([]byte("starling"), 40_000) // 320 000 bytes: 5 pieces
+	sum := sha256.Sum256(blob)
+	digest := "sha256:" + hex.EncodeToString(sum[:])
+	p, err := s.store.OpenPartial(digest, int64(len(blob)), int64(cfg.PieceSize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Append(bytes.NewReader(blob), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	p.Release()
+
+	resp := s.tracker.Serve(context.Background(), "agent", &swarmproto.TrackerRequest{
+		Op: swarmproto.OpPoll, Digest: digest, Registry: "127.0.0.1:1", Repo: "app", Want: -1,
+	})
+	if resp.Error != "" || resp.Size != int64(len(blob)) || len(resp.Pieces) != 5 {
+		t.Fatalf("poll: error %q, size %d, %d pieces; want %d bytes in 5 pieces", resp.Error, resp.Size, len(resp.Pieces), len(blob))
+	}
+	if s.SeedFetches() != 0 {
+		t.Fatalf("seed went upstream %d times for a blob it had", s.SeedFetches())
 	}
 }

@@ -37,6 +37,7 @@ type Cache struct {
 	wg      sync.WaitGroup
 	closing chan struct{}
 	closed  sync.Once
+	shut    bool // no new fills (under mu)
 }
 
 var _ registryproxy.BlobSource = (*Cache)(nil)
@@ -110,11 +111,6 @@ func (c *Cache) Prefetch(req registryproxy.BlobRequest) {
 	if c.store.Has(req.Digest) {
 		return
 	}
-	select {
-	case <-c.closing:
-		return
-	default:
-	}
 	c.join(req)
 }
 
@@ -126,6 +122,11 @@ func (c *Cache) join(req registryproxy.BlobRequest) *job {
 		return j
 	}
 	j := &job{started: make(chan struct{}), done: make(chan struct{})}
+	if c.shut {
+		j.err = errors.New("agent is shutting down")
+		close(j.done)
+		return j
+	}
 	c.jobs[req.Digest] = j
 	c.wg.Add(1)
 	go c.run(j, req)
@@ -169,6 +170,9 @@ func (c *Cache) run(j *job, req registryproxy.BlobRequest) {
 // Close cancels running fills and waits for them to end; their partial
 // blobs stay on disk to be resumed.
 func (c *Cache) Close() {
+	c.mu.Lock()
+	c.shut = true
+	c.mu.Unlock()
 	c.closed.Do(func() { close(c.closing) })
 	c.wg.Wait()
 }

@@ -38,10 +38,16 @@ var _ Filler = (*Origin)(nil)
 
 // Fill implements Filler.
 func (o *Origin) Fill(ctx context.Context, req registryproxy.BlobRequest, started func(*store.Partial)) error {
+	if o.Store.Has(req.Digest) {
+		return nil // an earlier fill committed it after this one was asked for
+	}
 	start := time.Now()
 	p, err := o.fetch(ctx, req, started)
 	if p != nil {
 		defer p.Release()
+	}
+	if errors.Is(err, store.ErrComplete) {
+		return nil
 	}
 	if err != nil {
 		if p != nil {

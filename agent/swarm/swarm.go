@@ -100,6 +100,9 @@ func (e *errFallback) Error() string { return "back to source: " + e.reason }
 
 // Fill implements blobcache.Filler.
 func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started func(*store.Partial)) error {
+	if s.store.Has(req.Digest) {
+		return nil // an earlier fill committed it after this one was asked for
+	}
 	tried := map[peer.ID]bool{}
 	tr, first, err := s.join(ctx, req, tried)
 	if err != nil {

@@ -38,8 +38,9 @@ type Partial struct {
 	have    piece.Bitmap  // pieces whose bytes are written (and verified, from the swarm)
 	dirty   bool          // have holds pieces not yet recorded as durable
 
-	syncMu   sync.Mutex // serializes fsync + record, and commit
+	syncMu   sync.Mutex // serializes fsync + record, commit and discard
 	syncedAt time.Time
+	retired  bool // discarded or replaced: must never write its record again
 	mark     int64         // bytes [0, mark) are written (maybe not yet durable)
 	inline   *piece.Hasher // set when an append started at 0: digest without a re-read
 	hashed   bool          // inline saw every byte
@@ -75,13 +76,22 @@ func (s *Store) OpenPartial(digest string, size, pieceSize int64) (*Partial, err
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if p, ok := s.partials[digest]; ok {
-		if p.size != size {
-			return nil, fmt.Errorf("open partial %s: size %d, but %d is already being fetched", digest, size, p.size)
-		}
 		p.lock()
-		p.refs++
+		failed := p.err != nil
+		if !failed && p.size == size {
+			p.refs++
+		}
 		p.unlock()
-		return p, nil
+		if !failed {
+			if p.size != size {
+				return nil, fmt.Errorf("open partial %s: size %d, but %d is already being fetched", digest, size, p.size)
+			}
+			return p, nil
+		}
+		// A failed fill still read by someone: its readers keep it, the new
+		// fill gets a fresh Partial, and the old one may no longer record.
+		p.retire()
+		delete(s.partials, digest)
 	}
 	m, err := s.getMeta(digest)
 	switch {
@@ -103,6 +113,10 @@ func (s *Store) OpenPartial(digest string, size, pieceSize int64) (*Partial, err
 		}
 	}
 	path := s.partialPath(hexd)
+	if _, err := os.Stat(path); err != nil && have.Count() > 0 {
+		// A record without its file: nothing recorded can be trusted.
+		have = piece.NewBitmap(n)
+	}
 	flags := os.O_RDWR | os.O_CREATE
 	if have.Count() == 0 {
 		flags |= os.O_TRUNC
@@ -252,7 +266,7 @@ func (p *Partial) sync(force bool) error {
 	p.syncMu.Lock()
 	defer p.syncMu.Unlock()
 	p.lock()
-	if !p.dirty || p.done || (!force && time.Since(p.syncedAt) < syncInterval) {
+	if !p.dirty || p.done || p.retired || (!force && time.Since(p.syncedAt) < syncInterval) {
 		p.unlock()
 		return nil
 	}
@@ -500,8 +514,31 @@ func (p *Partial) digestOf() (string, error) {
 	return "sha256:" + hex.EncodeToString(h.Sum(nil)), nil
 }
 
+// retire stops the partial from ever writing its record again.
+func (p *Partial) retire() {
+	p.lock()
+	p.retired = true
+	p.unlock()
+}
+
+// Restart forgets every piece, so that a writer that must see every byte
+// (the seed, which hashes from byte 0) starts over.
+func (p *Partial) Restart() error {
+	p.syncMu.Lock()
+	defer p.syncMu.Unlock()
+	p.lock()
+	p.have = piece.NewBitmap(p.have.Len())
+	p.mark, p.dirty, p.err, p.hashed = 0, false, nil, false
+	p.notify()
+	p.unlock()
+	return p.s.putMeta(p.digest, blobMeta{Size: p.size, PieceSize: p.pieceSize, LastAccess: p.s.now().Unix()})
+}
+
 // discard deletes the partial file and its record: its bytes are wrong.
 func (p *Partial) discard() {
+	p.retire()
+	p.syncMu.Lock()
+	defer p.syncMu.Unlock()
 	if err := os.Remove(p.s.partialPath(p.hex)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		p.s.log.Warn("remove bad partial", zap.String("digest", p.digest), zap.Error(err))
 	}

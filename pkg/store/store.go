@@ -51,6 +51,7 @@ type Store struct {
 	mu       sync.Mutex
 	partials map[string]*Partial // live partial blobs by digest
 	used     int64               // bytes of complete blobs
+	deleteMu sync.Mutex          // one Delete at a time: check, remove and count as one step
 }
 
 // blobMeta is the badger record of one blob.
@@ -288,6 +289,8 @@ func (s *Store) Delete(digest string) error {
 	if err != nil {
 		return err
 	}
+	s.deleteMu.Lock()
+	defer s.deleteMu.Unlock()
 	m, err := s.getMeta(digest)
 	if err != nil {
 		return err

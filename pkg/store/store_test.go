@@ -328,3 +328,67 @@ func BenchmarkReadPiece(b *testing.B) {
 		r.Close()
 	}
 }
+
+// After a digest mismatch the bad bytes leave no record behind, even when
+// the filler releases the partial afterwards with unsynced pieces.
+func TestMismatchLeavesNoRecordAfterRelease(t *testing.T) {
+	s := open(t, t.TempDir(), 0, nil)
+	defer s.Close()
+	blob, digest := blobOf(t, 8*pieceSize)
+	bad := append([]byte(nil), blob...)
+	bad[0] ^= 1
+	p, err := s.OpenPartial(digest, int64(len(blob)), pieceSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Append(bytes.NewReader(bad), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Commit(); !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("commit: %v", err)
+	}
+	p.Release()
+	if _, _, ok := s.Pending(digest); ok {
+		t.Fatal("a record of the discarded partial was written back")
+	}
+	p, err = s.OpenPartial(digest, int64(len(blob)), pieceSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Release()
+	if have := p.Have(); have.Count() != 0 || p.Offset() != 0 {
+		t.Fatalf("reopened with %d pieces at offset %d, want a fresh start", have.Count(), p.Offset())
+	}
+}
+
+// A failed fill that a reader still holds is not handed to the next fill.
+func TestFailedPartialIsNotReused(t *testing.T) {
+	s := open(t, t.TempDir(), 0, nil)
+	defer s.Close()
+	blob, digest := blobOf(t, 2*pieceSize)
+	p1, err := s.OpenPartial(digest, int64(len(blob)), pieceSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p1.Retain() // a slow reader
+	p1.Fail(io.ErrUnexpectedEOF)
+	p1.Release() // the failed filler
+	p2, err := s.OpenPartial(digest, int64(len(blob)), pieceSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p2 == p1 || p2.Err() != nil {
+		t.Fatalf("the next fill got the failed partial (same=%v, err=%v)", p2 == p1, p2.Err())
+	}
+	if err := p2.Append(bytes.NewReader(blob), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := p2.Commit(); err != nil {
+		t.Fatalf("retry commit: %v", err)
+	}
+	p2.Release()
+	p1.Release()
+	if !bytes.Equal(readAll(t, s, digest), blob) {
+		t.Fatal("retried blob differs")
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"sync"
 	"time"
@@ -77,9 +78,40 @@ func (s *Seed) Ensure(req swarmproto.TrackerRequest) {
 		return
 	}
 	s.running[req.Digest] = true
-	s.fetches++
 	s.wg.Add(1)
 	go s.fetch(req)
+}
+
+// publishComplete publishes the piece table of a blob the store has whole,
+// rebuilding it from the file when it was lost (a crash between commit and
+// recording it, or a blob adopted at recovery).
+func (s *Seed) publishComplete(digest string) (int64, error) {
+	m, err := s.store.Metainfo(digest)
+	if err != nil {
+		f, size, oerr := s.store.Open(digest)
+		if oerr != nil {
+			return 0, oerr
+		}
+		h := piece.NewHasher(size, s.pieceSize, nil)
+		_, cerr := io.Copy(h, f)
+		f.Close()
+		if cerr != nil {
+			return 0, fmt.Errorf("rehash %s: %w", digest, cerr)
+		}
+		if h.Digest() != digest {
+			return 0, fmt.Errorf("rehash %s: file hashes to %s", digest, h.Digest())
+		}
+		m = &piece.Metainfo{Digest: digest, Size: size, PieceSize: s.pieceSize, Pieces: h.Pieces()}
+		if err := s.store.PutMetainfo(m); err != nil {
+			return 0, err
+		}
+	}
+	all := piece.NewBitmap(len(m.Pieces))
+	for i := range m.Pieces {
+		all.Set(i)
+	}
+	s.pub.SetMetainfo(m, all.Bytes())
+	return m.Size, nil
 }
 
 // Fetches returns how many upstream fetches were started.
@@ -130,10 +162,16 @@ func (s *Seed) fetch(req swarmproto.TrackerRequest) {
 }
 
 func (s *Seed) run(ctx context.Context, req swarmproto.TrackerRequest) (int64, error) {
+	if s.store.Has(req.Digest) {
+		return s.publishComplete(req.Digest)
+	}
 	reg, ok := s.regs.Lookup(req.Registry)
 	if !ok {
 		return 0, ocierr.New(http.StatusForbidden, ocierr.Denied, "registry %q is not mirrored by this supernode", req.Registry)
 	}
+	s.mu.Lock()
+	s.fetches++
+	s.mu.Unlock()
 	resp, err := s.upstream.Do(ctx, upstream.Request{
 		Registry: reg, Repo: req.Repo, Method: http.MethodGet, Path: "blobs/" + req.Digest, Authorization: req.Authorization,
 	})
@@ -150,18 +188,30 @@ func (s *Seed) run(ctx context.Context, req swarmproto.TrackerRequest) (int64, e
 	s.store.DiscardPartial(req.Digest)
 	p, err := s.store.OpenPartial(req.Digest, size, s.pieceSize)
 	if errors.Is(err, store.ErrComplete) {
-		return size, nil
+		return s.publishComplete(req.Digest)
 	}
 	if err != nil {
 		return 0, err
 	}
 	defer p.Release()
+	if p.Offset() != 0 {
+		// Someone still reads an earlier attempt's partial: start it over.
+		if err := p.Restart(); err != nil {
+			return 0, err
+		}
+	}
 	s.pub.SetSize(req.Digest, size, s.pieceSize)
 
-	// Mirror the partial's durable pieces to the tracker as they land.
-	watchDone := make(chan struct{})
-	defer close(watchDone)
+	// Mirror the partial's pieces to the tracker as they land. The watcher
+	// is stopped before any failure is published, so it cannot advertise
+	// pieces of a failed attempt afterwards.
+	watchDone, watcherGone := make(chan struct{}), make(chan struct{})
+	defer func() {
+		close(watchDone)
+		<-watcherGone
+	}()
 	go func() {
+		defer close(watcherGone)
 		for {
 			ch := p.Changed()
 			have := p.Have()

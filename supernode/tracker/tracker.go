@@ -49,8 +49,10 @@ type Tracker struct {
 	seeder Seeder
 	log    *zap.Logger
 
-	mu    sync.Mutex
-	blobs map[string]*swarm
+	mu      sync.Mutex
+	blobs   map[string]*swarm
+	version uint64    // one counter for all blobs, so a dropped and recreated swarm never goes back
+	pruned  time.Time // last sweep of idle swarms
 }
 
 type swarm struct {
@@ -63,6 +65,7 @@ type swarm struct {
 	seedErr   string
 	seedCode  int
 	peers     map[peer.ID]*peerEntry
+	touched   time.Time // last change, for pruning idle swarms
 }
 
 type peerEntry struct {
@@ -101,15 +104,17 @@ func (t *Tracker) Register() { t.host.SetStreamHandler(swarmproto.TrackerProtoco
 func (t *Tracker) get(digest string) *swarm {
 	s, ok := t.blobs[digest]
 	if !ok {
-		s = &swarm{changed: make(chan struct{}), size: -1, peers: map[peer.ID]*peerEntry{}}
+		s = &swarm{changed: make(chan struct{}), size: -1, peers: map[peer.ID]*peerEntry{}, touched: t.cfg.Now()}
 		t.blobs[digest] = s
 	}
 	return s
 }
 
 // bump publishes a change; callers hold t.mu.
-func (s *swarm) bump() {
-	s.version++
+func (s *swarm) bump(t *Tracker) {
+	t.version++
+	s.version = t.version
+	s.touched = t.cfg.Now()
 	close(s.changed)
 	s.changed = make(chan struct{})
 }
@@ -122,7 +127,7 @@ func (t *Tracker) SetSize(digest string, size, pieceSize int64) {
 	if s.size != size || s.pieceSize != pieceSize {
 		s.size, s.pieceSize, s.pieces = size, pieceSize, nil
 		s.seedErr, s.seedCode = "", 0
-		s.bump()
+		s.bump(t)
 	}
 }
 
@@ -133,7 +138,7 @@ func (t *Tracker) AddPiece(digest string, i int, c cid.Cid) {
 	s := t.get(digest)
 	if i == len(s.pieces) {
 		s.pieces = append(s.pieces, c)
-		s.bump()
+		s.bump(t)
 	}
 }
 
@@ -144,7 +149,7 @@ func (t *Tracker) SetMetainfo(m *piece.Metainfo, seedHave []byte) {
 	s := t.get(m.Digest)
 	s.size, s.pieceSize, s.pieces, s.seedHave = m.Size, m.PieceSize, append([]cid.Cid(nil), m.Pieces...), seedHave
 	s.seedErr, s.seedCode = "", 0
-	s.bump()
+	s.bump(t)
 }
 
 // SetSeedHave publishes the seed's own durable pieces.
@@ -153,7 +158,7 @@ func (t *Tracker) SetSeedHave(digest string, have []byte) {
 	defer t.mu.Unlock()
 	s := t.get(digest)
 	s.seedHave = have
-	s.bump()
+	s.bump(t)
 }
 
 // Fail records that the seed could not fetch the blob; the next poll hears
@@ -164,7 +169,7 @@ func (t *Tracker) Fail(digest string, err error, status int) {
 	s := t.get(digest)
 	s.seedErr, s.seedCode = err.Error(), status
 	s.size, s.pieces, s.seedHave = -1, nil, nil
-	s.bump()
+	s.bump(t)
 }
 
 // BlobStatus is the tracker's view of one blob, for the status API.
@@ -219,6 +224,7 @@ func (t *Tracker) Serve(ctx context.Context, from peer.ID, req *swarmproto.Track
 		return &swarmproto.TrackerResponse{Error: "bad request: " + err.Error()}
 	}
 	t.mu.Lock()
+	t.prune()
 	s := t.get(req.Digest)
 	t.updatePeer(s, from, req)
 	needSeed := req.Op == swarmproto.OpPoll && s.size < 0 && s.seedErr == ""
@@ -260,6 +266,28 @@ func (t *Tracker) Serve(ctx context.Context, from peer.ID, req *swarmproto.Track
 	}
 }
 
+// prune drops, at most once a minute, swarms nobody has been heard from
+// for PeerTTL, so a long-lived supernode does not keep every blob it ever
+// saw. A dropped swarm is rebuilt from the store on the next poll. Callers
+// hold t.mu.
+func (t *Tracker) prune() {
+	now := t.cfg.Now()
+	if now.Sub(t.pruned) < time.Minute {
+		return
+	}
+	t.pruned = now
+	for digest, s := range t.blobs {
+		for id, p := range s.peers {
+			if now.Sub(p.seen) > t.cfg.PeerTTL {
+				delete(s.peers, id)
+			}
+		}
+		if len(s.peers) == 0 && now.Sub(s.touched) > t.cfg.PeerTTL {
+			delete(t.blobs, digest)
+		}
+	}
+}
+
 // updatePeer records what the asker told us; callers hold t.mu.
 func (t *Tracker) updatePeer(s *swarm, from peer.ID, req *swarmproto.TrackerRequest) {
 	now := t.cfg.Now()
@@ -279,7 +307,7 @@ func (t *Tracker) updatePeer(s *swarm, from peer.ID, req *swarmproto.TrackerRequ
 	}
 	if req.Have != nil && string(req.Have) != string(p.have) {
 		p.have = append([]byte(nil), req.Have...)
-		s.bump()
+		s.bump(t)
 	}
 }
 
@@ -374,6 +402,9 @@ func (t *Tracker) seedOffer(s *swarm, from peer.ID, req *swarmproto.TrackerReque
 		}
 	}
 	me := s.peers[from]
+	if me == nil {
+		return nil
+	}
 	if me.offered == nil {
 		me.offered = map[int]bool{}
 	}
@@ -393,7 +424,7 @@ func (t *Tracker) seedOffer(s *swarm, from peer.ID, req *swarmproto.TrackerReque
 	// then the reader gets them from that peer, and in a pull storm, where
 	// every client reads in order, the seed still sends each piece once.
 	if req.Want >= 0 {
-		for i := req.Want; i < min(n, req.Want+t.cfg.SeedOffer/2); i++ {
+		for i := req.Want; i < min(n, req.Want+max(1, t.cfg.SeedOffer/2)); i++ {
 			if seed.Has(i) && !asker.Has(i) && held[i] == 0 && offers[i] == 0 {
 				me.offered[i] = true
 				offers[i]++

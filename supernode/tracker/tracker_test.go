@@ -179,3 +179,31 @@ func TestWantedPieceHeldElsewhereIsNotOffered(t *testing.T) {
 		t.Fatalf("offer %v includes piece 0, which another agent holds", offer)
 	}
 }
+
+func TestIdleSwarmsArePruned(t *testing.T) {
+	h, err := p2p.NewHost(p2p.Config{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	now := time.Unix(1_000_000, 0)
+	tr := New(Config{PeerTTL: time.Minute, Now: func() time.Time { return now }}, h, zaptest.NewLogger(t))
+	tr.SetSize(digest, 4<<20, 1<<20)
+	tr.Serve(context.Background(), "a", &swarmproto.TrackerRequest{
+		Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4, 0), Want: -1,
+	})
+	before := len(tr.Status())
+	now = now.Add(10 * time.Minute)
+	other := "sha256:" + strings.Repeat("ef", 32)
+	tr.Serve(context.Background(), "b", &swarmproto.TrackerRequest{
+		Op: swarmproto.OpHave, Digest: other, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Want: -1,
+	})
+	for _, b := range tr.Status() {
+		if b.Digest == digest {
+			t.Fatalf("idle swarm of %s survived (%d swarms before)", digest, before)
+		}
+	}
+	if before != 1 {
+		t.Fatalf("%d swarms before pruning, want 1", before)
+	}
+}
