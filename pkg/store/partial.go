@@ -40,7 +40,7 @@ type Partial struct {
 
 	syncMu   sync.Mutex // serializes fsync + record, commit and discard
 	syncedAt time.Time
-	retired  bool // discarded or replaced: must never write its record again
+	retired  bool          // discarded or replaced: must never write its record again
 	mark     int64         // bytes [0, mark) are written (maybe not yet durable)
 	inline   *piece.Hasher // set when an append started at 0: digest without a re-read
 	hashed   bool          // inline saw every byte
