@@ -319,7 +319,11 @@ func (d *download) schedule(ctx context.Context, wg *sync.WaitGroup, results cha
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			data, err := pieceserver.Fetch(ctx, d.s.host, from, req, length, c, buf, d.s.cfg.Download, d.sawData)
+			// A peer that trickles bytes keeps the swarm from looking stalled,
+			// so each transfer has its own deadline: a generous floor rate.
+			fctx, cancel := context.WithTimeout(ctx, 30*time.Second+time.Duration(length/(64<<10))*time.Second)
+			data, err := pieceserver.Fetch(fctx, d.s.host, from, req, length, c, buf, d.s.cfg.Download, d.sawData)
+			cancel()
 			results <- result{i: i, from: from, data: data, buf: buf, err: err}
 		}()
 	}
