@@ -105,11 +105,7 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	regs, err := upstream.NewSet(cfg.Registries.Values)
-	if err != nil {
-		return nil, err
-	}
-	up, err := upstream.NewClient(upstream.Options{CAFile: cfg.CAFile, UserAgent: "starling-supernode"}, log.Named("upstream"))
+	regs, up, err := upstream.Open(cfg.Registries.Values, upstream.Options{CAFile: cfg.CAFile, UserAgent: "starling-supernode"}, log.Named("upstream"))
 	if err != nil {
 		return nil, err
 	}

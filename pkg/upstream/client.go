@@ -207,3 +207,17 @@ func IsUnavailable(err error) bool {
 	var e *ocierr.Error
 	return errors.As(err, &e) && e.Status >= 500
 }
+
+// Open parses the configured registries and builds a client for them: the
+// start-up both the agent and the supernode need.
+func Open(registries []string, opts Options, log *zap.Logger) (*Set, *Client, error) {
+	regs, err := NewSet(registries)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := NewClient(opts, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	return regs, c, nil
+}
