@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -21,6 +20,7 @@ import (
 	"github.com/starling-oci/starling/agent/swarm"
 	"github.com/starling-oci/starling/pkg/addrfile"
 	"github.com/starling-oci/starling/pkg/config"
+	"github.com/starling-oci/starling/pkg/httpserve"
 	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/piece"
 	"github.com/starling-oci/starling/pkg/pieceserver"
@@ -248,7 +248,6 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
-	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	log.Info("mirror listening", zap.String("addr", ln.Addr().String()), zap.Strings("registries", cfg.Registries.Values),
 		zap.Strings("p2p", a.P2PAddrs()), zap.Strings("supernodes", cfg.Supernodes.Values))
 	if cfg.AddrFile != "" {
@@ -258,18 +257,5 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 		}
 	}
 
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("serve mirror: %w", err)
-		}
-		return nil
-	})
-	g.Go(func() error {
-		<-gctx.Done()
-		shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		return srv.Shutdown(shutdownCtx)
-	})
-	return g.Wait()
+	return httpserve.Serve(ctx, ln, a.Handler(), 10*time.Second)
 }

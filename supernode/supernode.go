@@ -15,10 +15,10 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/host"
 	"go.uber.org/zap"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/starling-oci/starling/pkg/addrfile"
 	"github.com/starling-oci/starling/pkg/config"
+	"github.com/starling-oci/starling/pkg/httpserve"
 	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/piece"
 	"github.com/starling-oci/starling/pkg/pieceserver"
@@ -189,19 +189,5 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 		return fmt.Errorf("listen on %s: %w", cfg.HTTPListen, err)
 	}
 	log.Info("status server listening", zap.String("addr", ln.Addr().String()))
-	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("serve status: %w", err)
-		}
-		return nil
-	})
-	g.Go(func() error {
-		<-gctx.Done()
-		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		return srv.Shutdown(shutdownCtx)
-	})
-	return g.Wait()
+	return httpserve.Serve(ctx, ln, s.Handler(), 5*time.Second)
 }
