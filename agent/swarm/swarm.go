@@ -9,8 +9,11 @@ package swarm
 
 import (
 	"context"
+	crand "crypto/rand"
 	"errors"
 	"fmt"
+	"math/rand/v2"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -55,6 +58,9 @@ type Swarm struct {
 	log    *zap.Logger
 	owners []string // supernode peer IDs, as strings for rendezvous
 
+	rngMu sync.Mutex
+	rng   *rand.Rand // seeds each download's own source
+
 	fromPeers atomic.Int64
 	fromSeed  atomic.Int64
 	bufs      chan []byte // piece buffers, shared by all downloads
@@ -73,7 +79,12 @@ func New(cfg Config, h host.Host, st *store.Store, origin *blobcache.Origin, log
 	if cfg.StallTimeout <= 0 {
 		cfg.StallTimeout = 15 * time.Second
 	}
-	s := &Swarm{cfg: cfg, host: h, store: st, origin: origin, log: log, bufs: make(chan []byte, cfg.MaxInflight)}
+	var seed [32]byte
+	_, _ = crand.Read(seed[:]) // never fails (crypto/rand panics instead)
+	s := &Swarm{
+		cfg: cfg, host: h, store: st, origin: origin, log: log, bufs: make(chan []byte, cfg.MaxInflight),
+		rng: rand.New(rand.NewChaCha8(seed)),
+	}
 	for range cfg.MaxInflight {
 		s.bufs <- nil // allocated on first use
 	}
@@ -82,6 +93,13 @@ func New(cfg Config, h host.Host, st *store.Store, origin *blobcache.Origin, log
 		s.owners = append(s.owners, sn.ID.String())
 	}
 	return s
+}
+
+// newRand returns a random source for one download.
+func (s *Swarm) newRand() *rand.Rand {
+	s.rngMu.Lock()
+	defer s.rngMu.Unlock()
+	return rand.New(rand.NewPCG(s.rng.Uint64(), s.rng.Uint64()))
 }
 
 // BytesFromPeers returns blob bytes downloaded from other agents.
