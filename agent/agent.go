@@ -17,6 +17,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/starling-oci/starling/agent/blobcache"
+	"github.com/starling-oci/starling/agent/manifests"
 	"github.com/starling-oci/starling/agent/swarm"
 	"github.com/starling-oci/starling/pkg/addrfile"
 	"github.com/starling-oci/starling/pkg/config"
@@ -138,6 +139,7 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 	origin := &blobcache.Origin{Store: st, Upstream: up, PieceSize: int64(cfg.PieceSize), Download: download, Log: log.Named("origin")}
 	a := &Agent{store: st, origin: origin}
 	var filler blobcache.Filler = origin
+	var source registryproxy.ManifestSource
 	if len(cfg.Supernodes.Values) > 0 {
 		sw, h, err := newSwarm(cfg, st, origin, download, log)
 		if err != nil {
@@ -145,11 +147,12 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 			return nil, err
 		}
 		a.host, a.swarm, filler = h, sw, sw
+		source = manifests.New(h, supernodeIDs(cfg.Supernodes.Values), log.Named("manifests"))
 	}
 	cache := blobcache.New(st, filler, time.Duration(cfg.FetchTimeout), log.Named("cache"))
 	a.cache = cache
 	proxy := registryproxy.New(registryproxy.Config{
-		Registries: regs, Upstream: up, Manifests: st, Blobs: cache,
+		Registries: regs, Upstream: up, Manifests: st, Blobs: cache, Source: source,
 		AuthTTL: time.Duration(cfg.AuthTTL), Prefetch: cfg.Prefetch, Log: log.Named("proxy"),
 	})
 	mux := http.NewServeMux()
@@ -178,6 +181,18 @@ func newSwarm(cfg Config, st *store.Store, origin *blobcache.Origin, download *r
 		Supernodes: supernodes, MaxInflight: cfg.MaxInflight, StallTimeout: time.Duration(cfg.StallTimeout), Download: download,
 	}, h, st, origin, log.Named("swarm"))
 	return sw, h, nil
+}
+
+// supernodeIDs returns the peer IDs of --supernode values newSwarm has
+// already parsed.
+func supernodeIDs(addrs []string) []peer.ID {
+	var ids []peer.ID
+	for _, s := range addrs {
+		if ai, err := p2p.ParsePeerAddr(s); err == nil {
+			ids = append(ids, ai.ID)
+		}
+	}
+	return ids
 }
 
 // P2PID returns the agent's libp2p peer ID, empty without P2P.

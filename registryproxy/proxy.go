@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -65,12 +66,40 @@ type ManifestCache interface {
 	Tag(registry, repo, tag string) (string, error)
 }
 
+// ManifestSource answers manifest requests in upstream's stead: the
+// supernode that owns the image, which resolves each tag once for the
+// cluster. It must answer only what upstream gives the request's
+// credentials; any error sends the request upstream as without it.
+type ManifestSource interface {
+	Manifest(ctx context.Context, req ManifestRequest) (ManifestAnswer, error)
+}
+
+// ManifestRequest names a manifest by tag or digest, with the client's
+// credentials.
+type ManifestRequest struct {
+	Registry      upstream.Registry
+	Repo          string
+	Ref           string
+	Authorization string
+}
+
+// ManifestAnswer is a manifest (its digest checked against its body).
+type ManifestAnswer struct {
+	Digest   string
+	Manifest store.Manifest
+	// Stale: upstream was unavailable; this is the tag's last resolution.
+	Stale bool
+}
+
 // Config wires a Proxy.
 type Config struct {
 	Registries *upstream.Set
 	Upstream   *upstream.Client
 	Manifests  ManifestCache
 	Blobs      BlobSource
+	// Source, when set, is asked for tags and uncached manifests before
+	// upstream.
+	Source ManifestSource
 	// AuthTTL is how long a client's successful upstream access to a
 	// repository lets it read cached content without asking upstream again.
 	// Negative disables the check (anyone who reaches the mirror may read
@@ -167,6 +196,9 @@ func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstre
 			return writeManifest(w, r, route.Ref, m)
 		}
 	}
+	if p.cfg.Source != nil && p.serveFromSource(w, r, reg, route, key, authz) {
+		return nil
+	}
 	hdr := http.Header{}
 	for _, a := range r.Header.Values("Accept") {
 		hdr.Add("Accept", a)
@@ -218,6 +250,64 @@ func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstre
 		}
 	}
 	return writeManifest(w, r, digest, m)
+}
+
+// serveFromSource answers a manifest request from the ManifestSource. It
+// returns false, having written nothing, when the source cannot answer or
+// its answer is of a type the client does not accept; the caller then asks
+// upstream, as it would without a source.
+func (p *Proxy) serveFromSource(w http.ResponseWriter, r *http.Request, reg upstream.Registry, route Route, key, authz string) bool {
+	ans, err := p.cfg.Source.Manifest(r.Context(), ManifestRequest{Registry: reg, Repo: route.Repo, Ref: route.Ref, Authorization: authz})
+	if err != nil {
+		p.log.Debug("manifest source did not answer; asking upstream", zap.String("registry", reg.Host),
+			zap.String("repo", route.Repo), zap.String("ref", route.Ref), zap.Error(err))
+		return false
+	}
+	if !accepts(r.Header.Values("Accept"), ans.Manifest.MediaType) {
+		p.log.Debug("manifest source answered a type the client does not accept; asking upstream",
+			zap.String("ref", route.Ref), zap.String("media_type", ans.Manifest.MediaType))
+		return false
+	}
+	// The source had upstream accept these credentials for this manifest.
+	p.access.allow(key)
+	if ans.Stale {
+		p.log.Warn("upstream unavailable: serving tag as the cluster last resolved it", zap.String("registry", reg.Host),
+			zap.String("repo", route.Repo), zap.String("tag", route.Ref), zap.String("digest", ans.Digest))
+	}
+	if err := p.cfg.Manifests.PutManifest(ans.Digest, ans.Manifest); err != nil {
+		p.log.Warn("cache manifest", zap.String("digest", ans.Digest), zap.Error(err))
+	} else if !route.IsDigest() && !ans.Stale {
+		if err := p.cfg.Manifests.PutTag(reg.Host, route.Repo, route.Ref, ans.Digest); err != nil {
+			p.log.Warn("remember tag", zap.String("tag", route.Ref), zap.Error(err))
+		}
+	}
+	if p.cfg.Prefetch && r.Method == http.MethodGet {
+		p.prefetch(reg, route.Repo, authz, ans.Manifest)
+	}
+	_ = writeManifest(w, r, ans.Digest, ans.Manifest)
+	return true
+}
+
+// accepts reports whether a client's Accept headers allow a manifest media
+// type. No Accept header, or no media type to compare, accepts.
+func accepts(accept []string, mediaType string) bool {
+	mt, _, _ := strings.Cut(mediaType, ";")
+	mt = strings.TrimSpace(mt)
+	if len(accept) == 0 || mt == "" {
+		return true
+	}
+	for _, h := range accept {
+		for _, a := range strings.Split(h, ",") {
+			a, _, _ = strings.Cut(a, ";")
+			switch a = strings.TrimSpace(a); {
+			case a == "*/*" || strings.EqualFold(a, mt):
+				return true
+			case strings.HasSuffix(a, "/*") && strings.HasPrefix(mt, strings.TrimSuffix(a, "*")):
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // imageManifest is the part of an image manifest (OCI or Docker schema 2)

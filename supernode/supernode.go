@@ -25,6 +25,7 @@ import (
 	"github.com/starling-oci/starling/pkg/ratelimit"
 	"github.com/starling-oci/starling/pkg/store"
 	"github.com/starling-oci/starling/pkg/upstream"
+	"github.com/starling-oci/starling/supernode/manifests"
 	"github.com/starling-oci/starling/supernode/seed"
 	"github.com/starling-oci/starling/supernode/tracker"
 )
@@ -42,6 +43,8 @@ type Config struct {
 	PieceSize    config.Bytes    `yaml:"piece-size"`
 	CacheSize    config.Bytes    `yaml:"cache-size"`
 	FetchTimeout config.Duration `yaml:"fetch-timeout"`
+	TagTTL       config.Duration `yaml:"tag-ttl"`
+	AuthTTL      config.Duration `yaml:"auth-ttl"`
 	LogLevel     string          `yaml:"log-level"`
 	AddrFile     string          `yaml:"addr-file"`
 	HTTPListen   string          `yaml:"http-listen"`
@@ -55,6 +58,8 @@ func DefaultConfig() Config {
 		MaxUploads:   8,
 		PieceSize:    config.Bytes(piece.DefaultSize),
 		FetchTimeout: config.Duration(30 * time.Minute),
+		TagTTL:       config.Duration(time.Second),
+		AuthTTL:      config.Duration(5 * time.Minute),
 		LogLevel:     "info",
 	}
 }
@@ -72,6 +77,8 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.Var(&c.PieceSize, "piece-size", "piece size for new blobs")
 	fs.Var(&c.CacheSize, "cache-size", "disk quota for seeded blobs (0 = no limit)")
 	fs.Var(&c.FetchTimeout, "fetch-timeout", "upper bound on one upstream blob fetch")
+	fs.Var(&c.TagTTL, "tag-ttl", "how long a tag's resolution upstream answers every agent (0 = each request goes upstream)")
+	fs.Var(&c.AuthTTL, "auth-ttl", "how long upstream's answer to a client's credentials for a manifest is reused before they are checked again")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&c.AddrFile, "addr-file", c.AddrFile, "write the dialable addresses as JSON to this file once listening")
 	fs.StringVar(&c.HTTPListen, "http-listen", c.HTTPListen, "address of the HTTP status server (/healthz, /metrics, /status); empty = none")
@@ -84,6 +91,9 @@ func (c *Config) Validate() error {
 	}
 	if c.DataDir == "" {
 		return errors.New("--data-dir is required")
+	}
+	if c.TagTTL < 0 || c.AuthTTL < 0 {
+		return errors.New("--tag-ttl and --auth-ttl must not be negative")
 	}
 	if ps := int64(c.PieceSize); ps < piece.MinSize || ps > piece.MaxSize {
 		return fmt.Errorf("--piece-size %d out of range [%d, %d]", ps, piece.MinSize, piece.MaxSize)
@@ -124,6 +134,8 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 	tr.Register()
 	ps := pieceserver.NewServer(st, ratelimit.New(int64(cfg.UploadRate)), cfg.MaxUploads, log.Named("pieces"))
 	ps.Register(h)
+	manifests.New(manifests.Config{TagTTL: time.Duration(cfg.TagTTL), AuthTTL: time.Duration(cfg.AuthTTL)},
+		regs, up, st, log.Named("manifests")).Register(h)
 	return &Supernode{host: h, store: st, tracker: tr, seed: sd, pieces: ps}, nil
 }
 
