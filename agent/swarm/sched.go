@@ -333,11 +333,25 @@ func (s *Sched) Done(now time.Time, f Fetch, out Outcome) {
 	case Dup:
 	case Corrupt:
 		s.ban(ps)
-		s.report(Failure{Peer: f.From, Piece: f.Piece, Corrupt: true})
-	case Busy, Unavailable:
+		s.report(ps, Failure{Peer: f.From, Piece: f.Piece, Corrupt: true})
+	case Busy:
 		ps.cooldown = now.Add(50 * time.Millisecond)
+	case Unavailable:
+		// A claimed piece that is not there is a stale announcement (or a
+		// lie): forget the claim, tell the tracker, and count it against
+		// the peer, so a peer that evicted the blob cannot stall everyone.
+		if ps.have.Has(f.Piece) {
+			have := ps.have.Clone()
+			have.Clear(f.Piece)
+			s.setHave(ps, have)
+		}
+		s.report(ps, Failure{Peer: f.From, Piece: f.Piece})
+		ps.cooldown = now.Add(50 * time.Millisecond)
+		if ps.failures++; ps.failures >= 3 {
+			s.ban(ps)
+		}
 	default:
-		s.report(Failure{Peer: f.From, Piece: f.Piece})
+		s.report(ps, Failure{Peer: f.From, Piece: f.Piece})
 		ps.cooldown = now.Add(time.Second)
 		if ps.failures++; ps.failures >= 3 {
 			s.ban(ps)
@@ -351,8 +365,10 @@ func (s *Sched) Banned(id peer.ID) bool {
 	return ok && ps.banned
 }
 
-func (s *Sched) report(f Failure) {
-	if len(s.failed) < maxFailureReports {
+// report queues a failure for the tracker; the seed's own failures are
+// not claims to correct.
+func (s *Sched) report(ps *peerState, f Failure) {
+	if !ps.seed && len(s.failed) < maxFailureReports {
 		s.failed = append(s.failed, f)
 	}
 }

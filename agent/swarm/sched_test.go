@@ -208,3 +208,44 @@ func TestSchedStalledAndStarved(t *testing.T) {
 		t.Fatal("stalled although bytes arrived 5 s ago")
 	}
 }
+
+// A peer that answers "piece not available" for a piece it claimed is not
+// asked for it again, the claim is reported to the tracker, and after a few
+// such answers the peer is dropped: a stale announcer (it evicted the
+// blob) cannot stall the download (issue 7).
+func TestSchedUnavailableClaimCountsAgainstThePeer(t *testing.T) {
+	now := time.Unix(1000, 0)
+	s := newTestSched(t, 4, now)
+	stale, seed := testPeer(t, 1), testPeer(t, 2)
+	announce(t, s, now, 1, map[peer.ID]piece.Bitmap{stale: bitmap(4, 0, 1, 2, 3), seed: bitmap(4, 0, 1, 2, 3)}, seed)
+	have := piece.NewBitmap(4)
+	if f, ok := s.Next(now, &have, -1); !ok || f.From != stale {
+		t.Fatalf("Next = %+v (%v), want a piece from the agent before the seed", f, ok)
+	}
+	for k := range 3 {
+		f := Fetch{k, stale}
+		s.Start(f)
+		s.Done(now, f, Unavailable)
+		if s.holders[f.Piece] != 1 {
+			t.Fatalf("piece %d has %d holders after the stale claim, want 1 (the seed)", f.Piece, s.holders[f.Piece])
+		}
+		now = now.Add(time.Second) // past any cooldown
+	}
+	if !s.Banned(stale) {
+		t.Fatal("a peer that failed three claims in a row is still used")
+	}
+	got := s.Failures()
+	if len(got) != 3 || got[0].Peer != stale || got[0].Corrupt {
+		t.Fatalf("failures for the tracker = %+v, want the three stale claims", got)
+	}
+	f, ok := s.Next(now, &have, -1)
+	if !ok || f.From != seed {
+		t.Fatalf("Next = %+v (%v), want the seed", f, ok)
+	}
+	// The seed's own failures are not claims to report.
+	s.Start(f)
+	s.Done(now, f, Failed)
+	if got := s.Failures(); len(got) != 0 {
+		t.Fatalf("reported the seed's failure: %+v", got)
+	}
+}

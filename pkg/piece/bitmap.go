@@ -75,3 +75,20 @@ func (b Bitmap) Complete() bool { return b.count == b.n }
 
 // Bytes returns a copy of the encoded bitmap.
 func (b Bitmap) Bytes() []byte { return append([]byte{}, b.bits...) }
+
+// Clear marks piece i as absent. Indexes outside [0, Len) are ignored.
+func (b *Bitmap) Clear(i int) {
+	if i < 0 || i >= b.n {
+		return
+	}
+	mask := byte(0x80) >> (i % 8)
+	if b.bits[i/8]&mask != 0 {
+		b.bits[i/8] &^= mask
+		b.count--
+	}
+}
+
+// Clone returns an independent copy of b.
+func (b Bitmap) Clone() Bitmap {
+	return Bitmap{n: b.n, count: b.count, bits: append([]byte(nil), b.bits...)}
+}

@@ -355,3 +355,19 @@ func BenchmarkHasher(b *testing.B) {
 		}
 	}
 }
+
+func TestBitmapClearAndClone(t *testing.T) {
+	b := NewBitmap(10)
+	b.Set(3)
+	b.Set(9)
+	c := b.Clone()
+	c.Clear(3)
+	c.Clear(4)  // absent: no change
+	c.Clear(42) // out of range: ignored
+	if !b.Has(3) || b.Count() != 2 {
+		t.Fatalf("Clear on a clone changed the original: %v", b.Bytes())
+	}
+	if c.Has(3) || !c.Has(9) || c.Count() != 1 {
+		t.Fatalf("after Clear(3): has 3 %v, has 9 %v, count %d", c.Has(3), c.Has(9), c.Count())
+	}
+}
