@@ -2,6 +2,11 @@
 
 GO        ?= go
 BIN       ?= bin/starling
+# Stamped into the binary (starling version, the startup log line,
+# starling_build_info).
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT    ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+LDFLAGS   := -X github.com/starling-oci/starling/pkg/version.version=$(VERSION) -X github.com/starling-oci/starling/pkg/version.commit=$(COMMIT)
 # Packages whose benchmarks `make bench` runs; BENCHTIME as for go test.
 BENCH_PKGS ?= ./...
 BENCHTIME  ?= 3x
@@ -9,7 +14,7 @@ BENCHTIME  ?= 3x
 .PHONY: build test lint bench demo clean
 
 build:
-	$(GO) build -o $(BIN) ./cmd/starling
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/starling
 
 test:
 	$(GO) vet ./...

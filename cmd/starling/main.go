@@ -18,6 +18,7 @@ import (
 	"github.com/starling-oci/starling/pkg/config"
 	"github.com/starling-oci/starling/pkg/logging"
 	"github.com/starling-oci/starling/pkg/p2p"
+	"github.com/starling-oci/starling/pkg/version"
 	"github.com/starling-oci/starling/supernode"
 )
 
@@ -28,6 +29,7 @@ Usage:
   starling supernode [flags]   run a supernode (tracker + seed)
   starling swarm-key           print a new pre-shared swarm key
   starling id FILE             print the peer ID of an identity file, creating it if absent
+  starling version             print the version, commit and Go version
   starling help                show this text
 
 Run "starling COMMAND -h" for a command's flags.
@@ -72,6 +74,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		fmt.Fprintln(stdout, id)
 		return nil
+	case "version", "--version":
+		fmt.Fprintln(stdout, version.Get())
+		return nil
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
@@ -98,7 +103,7 @@ func runDaemon(ctx context.Context, name string, args []string, stderr io.Writer
 	level func() string, run func(*zap.Logger) error) error {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	if err := config.Load(fs, args, cfg, bind); err != nil {
+	if err := config.LoadEnv(fs, args, os.LookupEnv, cfg, bind); err != nil {
 		return err
 	}
 	log, err := logging.New(level())
@@ -106,5 +111,7 @@ func runDaemon(ctx context.Context, name string, args []string, stderr io.Writer
 		return err
 	}
 	defer func() { _ = log.Sync() }()
+	v := version.Get()
+	log.Info("starting "+name, zap.String("version", v.Version), zap.String("commit", v.Commit), zap.String("go", v.GoVersion))
 	return run(log)
 }

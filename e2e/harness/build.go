@@ -15,6 +15,13 @@ import (
 // BuildTimeout bounds `go build ./cmd/starling`.
 const BuildTimeout = 10 * time.Minute
 
+// StampedVersion and StampedCommit are what BuildStarling stamps into the
+// binary with the same -ldflags -X flags as the release build.
+const (
+	StampedVersion = "v0.0.0-e2e"
+	StampedCommit  = "e2e0c0ffee"
+)
+
 // EnvStarlingBin names an environment variable that, when set, is the path
 // of a prebuilt starling binary for BuildStarling to return instead of
 // building one (CI can build once and share it across packages).
@@ -66,7 +73,8 @@ func buildStarling(t testing.TB) (string, error) {
 	}
 	starlingBuild.dir = dir
 	bin := filepath.Join(dir, "starling")
-	args := []string{"build", "-o", bin}
+	const v = "github.com/starling-oci/starling/pkg/version"
+	args := []string{"build", "-o", bin, "-ldflags", "-X " + v + ".version=" + StampedVersion + " -X " + v + ".commit=" + StampedCommit}
 	if raceEnabled {
 		args = append(args, "-race")
 	}
