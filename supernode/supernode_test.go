@@ -2,7 +2,6 @@ package supernode
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -11,11 +10,13 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/zap/zaptest"
 
 	"github.com/starling-oci/starling/pkg/config"
 	"github.com/starling-oci/starling/pkg/swarmproto"
+	"github.com/starling-oci/starling/supernode/tracker"
 )
 
 func TestStatusEndpoints(t *testing.T) {
@@ -87,9 +88,19 @@ func TestCompleteBlobWithoutPieceTableIsRepublished(t *testing.T) {
 	}
 	p.Release()
 
-	resp := s.tracker.Serve(context.Background(), "agent", &swarmproto.TrackerRequest{
-		Op: swarmproto.OpPoll, Digest: digest, Registry: "127.0.0.1:1", Repo: "app", Want: -1,
-	})
+	// Answers never wait: poll at the tracker's interval until the seed has
+	// published the table (the first poll starts it).
+	var resp *swarmproto.TrackerResponse
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp = s.tracker.Serve(time.Now(), tracker.Asker{ID: "agent"}, &swarmproto.TrackerRequest{
+			Op: swarmproto.OpPoll, Digest: digest, Registry: "127.0.0.1:1", Repo: "app", Want: -1,
+		})
+		if resp.Error != "" || resp.Size >= 0 || time.Now().After(deadline) {
+			break
+		}
+		<-time.After(time.Duration(resp.Interval) * time.Millisecond)
+	}
 	if resp.Error != "" || resp.Size != int64(len(blob)) || len(resp.Pieces) != 5 {
 		t.Fatalf("poll: error %q, size %d, %d pieces; want %d bytes in 5 pieces", resp.Error, resp.Size, len(resp.Pieces), len(blob))
 	}

@@ -31,6 +31,9 @@ type download struct {
 	cids     []cid.Cid
 	lastData atomic.Int64 // unix nanos of the last piece bytes received
 	starved  atomic.Bool  // read by the poll loop
+
+	failedMu sync.Mutex
+	failed   []swarmproto.Failure // for the next tracker request
 }
 
 type result struct {
@@ -104,6 +107,7 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 			if err := d.finish(r); err != nil {
 				return err
 			}
+			d.queueFailures()
 			select {
 			case announce <- struct{}{}:
 			default:
@@ -148,7 +152,6 @@ const minPollInterval = 100 * time.Millisecond
 // pollLoop long-polls the tracker; repeated failures end the swarm.
 func (d *download) pollLoop(ctx context.Context, updates chan<- update) {
 	failures := 0
-	var since uint64
 	known := len(d.cids)
 	pace := time.NewTimer(0)
 	defer pace.Stop()
@@ -160,7 +163,7 @@ func (d *download) pollLoop(ctx context.Context, updates chan<- update) {
 		}
 		pace.Reset(minPollInterval)
 		have := d.p.Have()
-		resp, err := d.tr.poll(ctx, since, known, have.Bytes(), d.starved.Load(), d.p.Waiting())
+		resp, err := d.tr.poll(ctx, known, have.Bytes(), d.starved.Load(), d.p.Waiting(), d.takeFailed())
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -170,7 +173,6 @@ func (d *download) pollLoop(ctx context.Context, updates chan<- update) {
 			}
 		} else {
 			failures = 0
-			since = resp.Version
 			known += len(resp.Pieces)
 		}
 		select {
@@ -184,6 +186,31 @@ func (d *download) pollLoop(ctx context.Context, updates chan<- update) {
 	}
 }
 
+// queueFailures moves the scheduler's failure reports to the queue the
+// tracker requests drain (they run on other goroutines than the Sched).
+func (d *download) queueFailures() {
+	fs := d.sched.Failures()
+	if len(fs) == 0 {
+		return
+	}
+	d.failedMu.Lock()
+	defer d.failedMu.Unlock()
+	for _, f := range fs {
+		if len(d.failed) < swarmproto.MaxFailed {
+			d.failed = append(d.failed, swarmproto.Failure{Peer: f.Peer.String(), Piece: f.Piece, Corrupt: f.Corrupt})
+		}
+	}
+}
+
+// takeFailed hands the queued failure reports to a tracker request.
+func (d *download) takeFailed() []swarmproto.Failure {
+	d.failedMu.Lock()
+	defer d.failedMu.Unlock()
+	out := d.failed
+	d.failed = nil
+	return out
+}
+
 // announceLoop tells the tracker about new pieces, coalescing bursts.
 func (d *download) announceLoop(ctx context.Context, signal <-chan struct{}) {
 	for {
@@ -193,7 +220,7 @@ func (d *download) announceLoop(ctx context.Context, signal <-chan struct{}) {
 			return
 		}
 		have := d.p.Have()
-		if err := d.tr.have(ctx, have.Bytes()); err != nil && ctx.Err() == nil {
+		if err := d.tr.have(ctx, have.Bytes(), d.takeFailed()); err != nil && ctx.Err() == nil {
 			d.s.log.Debug("announce pieces", zap.String("digest", d.req.Digest), zap.Error(err))
 		}
 	}
@@ -207,7 +234,7 @@ func (d *download) announceFinal() {
 	for i := range d.count {
 		all.Set(i)
 	}
-	if err := d.tr.have(ctx, all.Bytes()); err != nil {
+	if err := d.tr.haveNow(ctx, all.Bytes()); err != nil {
 		d.s.log.Debug("announce complete blob", zap.String("digest", d.req.Digest), zap.Error(err))
 	}
 }

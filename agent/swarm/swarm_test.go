@@ -20,6 +20,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"go.uber.org/zap/zapcore"
@@ -224,7 +225,7 @@ type corruptPeer struct {
 	served atomic.Int64
 }
 
-func startCorruptPeer(t *testing.T, key string, sn *supernode.Supernode, digests map[string]int64) *corruptPeer {
+func startCorruptPeer(t *testing.T, key, registry string, sn *supernode.Supernode, digests map[string]int64) *corruptPeer {
 	t.Helper()
 	h, err := p2p.NewHost(p2p.Config{SwarmKeyFile: key}, nil)
 	if err != nil {
@@ -260,20 +261,37 @@ func startCorruptPeer(t *testing.T, key string, sn *supernode.Supernode, digests
 		for _, a := range h.Addrs() {
 			addrs = append(addrs, a.String())
 		}
-		s, err := h.NewStream(context.Background(), snInfo.ID, swarmproto.TrackerProtocol)
-		if err != nil {
-			t.Fatal(err)
+		// Join as agents do (only a poll starts a swarm), wait for the
+		// seed to learn the size, then claim everything.
+		for {
+			resp := trackerCall(t, h, snInfo.ID, swarmproto.TrackerRequest{Op: swarmproto.OpPoll, Digest: digest,
+				Registry: registry, Repo: "app", Addrs: addrs, Want: -1})
+			if resp.Size >= 0 {
+				break
+			}
+			<-time.After(time.Duration(resp.Interval) * time.Millisecond)
 		}
-		if err := wire.WriteMsg(s, swarmproto.TrackerRequest{Op: swarmproto.OpHave, Digest: digest, Addrs: addrs, Have: all.Bytes(), Want: -1}); err != nil {
-			t.Fatal(err)
-		}
-		var resp swarmproto.TrackerResponse
-		if err := wire.ReadMsg(s, &resp, 1<<20); err != nil || resp.Error != "" {
-			t.Fatalf("announce: %v %s", err, resp.Error)
-		}
-		s.Close()
+		trackerCall(t, h, snInfo.ID, swarmproto.TrackerRequest{Op: swarmproto.OpHave, Digest: digest, Addrs: addrs, Have: all.Bytes(), Want: -1})
 	}
 	return cp
+}
+
+// trackerCall sends one tracker request from h and returns the answer.
+func trackerCall(t *testing.T, h host.Host, to peer.ID, req swarmproto.TrackerRequest) *swarmproto.TrackerResponse {
+	t.Helper()
+	s, err := h.NewStream(context.Background(), to, swarmproto.TrackerProtocol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := wire.WriteMsg(s, req); err != nil {
+		t.Fatal(err)
+	}
+	var resp swarmproto.TrackerResponse
+	if err := wire.ReadMsg(s, &resp, 1<<20); err != nil || resp.Error != "" {
+		t.Fatalf("%s: %v %s", req.Op, err, resp.Error)
+	}
+	return &resp
 }
 
 func TestCorruptPeerIsDetectedAndPullSucceeds(t *testing.T) {
@@ -288,7 +306,7 @@ func TestCorruptPeerIsDetectedAndPullSucceeds(t *testing.T) {
 		s, _ := l.Size()
 		digests[d.String()] = s
 	}
-	cp := startCorruptPeer(t, key, sn, digests)
+	cp := startCorruptPeer(t, key, up.Host(), sn, digests)
 	n := startAgent(t, key, up.URL(), sn.Addrs(), nil)
 	if err := pull(n.srv.URL, "app:v1"); err != nil {
 		t.Fatal(err)

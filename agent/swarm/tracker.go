@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
@@ -17,17 +18,72 @@ import (
 	"github.com/starling-oci/starling/registryproxy"
 )
 
-// trackerClient talks to the supernode that owns one blob.
+// trackerClient talks to the supernode that owns one blob. It paces polls
+// and haves by the interval the tracker asks for, so the tracker's load
+// stays bounded however many agents share the blob.
 type trackerClient struct {
 	host host.Host
 	peer peer.ID
 	req  registryproxy.BlobRequest
+
+	mu   sync.Mutex
+	next time.Time // earliest time of the next paced request
 }
 
-// rpcTimeout bounds one tracker exchange beyond the poll's own wait.
+// rpcTimeout bounds one tracker exchange (answers never wait).
 const rpcTimeout = 10 * time.Second
 
+// pace waits until the tracker's interval since the last paced request
+// has passed.
+func (t *trackerClient) pace(ctx context.Context) error {
+	t.mu.Lock()
+	wait := time.Until(t.next)
+	t.mu.Unlock()
+	if wait <= 0 {
+		return nil
+	}
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// paced sends r once the interval allows and records the next one.
+func (t *trackerClient) paced(ctx context.Context, r swarmproto.TrackerRequest) (*swarmproto.TrackerResponse, error) {
+	if err := t.pace(ctx); err != nil {
+		return nil, err
+	}
+	resp, iv, err := t.exchange(ctx, r)
+	t.mu.Lock()
+	t.next = time.Now().Add(iv)
+	t.mu.Unlock()
+	return resp, err
+}
+
 func (t *trackerClient) call(ctx context.Context, r swarmproto.TrackerRequest) (*swarmproto.TrackerResponse, error) {
+	resp, _, err := t.exchange(ctx, r)
+	return resp, err
+}
+
+// exchange sends r and returns the answer and the interval the tracker
+// asked for (a short one when it could not be reached).
+func (t *trackerClient) exchange(ctx context.Context, r swarmproto.TrackerRequest) (*swarmproto.TrackerResponse, time.Duration, error) {
+	resp, err := t.roundTrip(ctx, r)
+	if resp == nil {
+		return nil, minInterval, err
+	}
+	return resp, max(minInterval, time.Duration(resp.Interval)*time.Millisecond), err
+}
+
+// minInterval is the least time between paced requests whatever the
+// tracker says (and after a failed exchange).
+const minInterval = 100 * time.Millisecond
+
+func (t *trackerClient) roundTrip(ctx context.Context, r swarmproto.TrackerRequest) (*swarmproto.TrackerResponse, error) {
 	r.Digest = t.req.Digest
 	ctx, cancel := context.WithTimeout(ctx, rpcTimeout)
 	defer cancel()
@@ -55,31 +111,65 @@ func (t *trackerClient) call(ctx context.Context, r swarmproto.TrackerRequest) (
 		if status == 0 {
 			status = http.StatusBadGateway
 		}
-		return nil, &ocierr.Error{Status: status, Code: ocierr.Unavailable, Message: "seed: " + resp.Error}
+		return &resp, &ocierr.Error{Status: status, Code: ocierr.Unavailable, Message: "seed: " + resp.Error}
 	}
 	return &resp, nil
 }
 
-// poll asks for news since version, announcing our own state.
-func (t *trackerClient) poll(ctx context.Context, since uint64, known int, have []byte, starved bool, want int) (*swarmproto.TrackerResponse, error) {
-	return t.call(ctx, swarmproto.TrackerRequest{
+// poll announces our state and learns new piece CIDs (after the known
+// ones) and peers, once the tracker's interval has passed. failed reports
+// claimed pieces their holders did not serve.
+func (t *trackerClient) poll(ctx context.Context, known int, have []byte, starved bool, want int, failed []swarmproto.Failure) (*swarmproto.TrackerResponse, error) {
+	resp, err := t.paced(ctx, swarmproto.TrackerRequest{
 		Op: swarmproto.OpPoll, Registry: t.req.Registry.Host, Repo: t.req.Repo, Authorization: t.req.Authorization,
-		Addrs: p2p.AnnounceAddrs(t.host), Have: have, Known: known, Since: since, Starved: starved, Want: want,
+		Addrs: p2p.AnnounceAddrs(t.host), Have: have, Known: known, Starved: starved, Want: want, Failed: failed,
 	})
+	if err != nil {
+		return nil, err
+	}
+	return resp, nil
 }
 
-// have reports our bitmap without waiting.
-func (t *trackerClient) have(ctx context.Context, have []byte) error {
+// have reports our bitmap once the tracker's interval has passed.
+func (t *trackerClient) have(ctx context.Context, have []byte, failed []swarmproto.Failure) error {
+	_, err := t.paced(ctx, swarmproto.TrackerRequest{Op: swarmproto.OpHave, Addrs: p2p.AnnounceAddrs(t.host), Have: have, Want: -1, Failed: failed})
+	return err
+}
+
+// haveNow reports our bitmap at once (a complete blob: rare, one per
+// agent and blob).
+func (t *trackerClient) haveNow(ctx context.Context, have []byte) error {
 	_, err := t.call(ctx, swarmproto.TrackerRequest{Op: swarmproto.OpHave, Addrs: p2p.AnnounceAddrs(t.host), Have: have, Want: -1})
+	return err
+}
+
+// withdraw tells the tracker we no longer hold the blob.
+func (t *trackerClient) withdraw(ctx context.Context) error {
+	_, err := t.call(ctx, swarmproto.TrackerRequest{Op: swarmproto.OpWithdraw, Want: -1})
+	return err
+}
+
+// permit asks for a back-to-source lease; false means keep using the
+// swarm and ask again later.
+func (t *trackerClient) permit(ctx context.Context) (bool, time.Duration, error) {
+	resp, err := t.call(ctx, swarmproto.TrackerRequest{Op: swarmproto.OpPermit, Want: -1})
+	if err != nil {
+		return false, 0, err
+	}
+	return resp.Permit, time.Duration(resp.PermitTTL) * time.Millisecond, nil
+}
+
+// release hands a permit back.
+func (t *trackerClient) release(ctx context.Context) error {
+	_, err := t.call(ctx, swarmproto.TrackerRequest{Op: swarmproto.OpRelease, Want: -1})
 	return err
 }
 
 // waitForSize polls until the seed knows the blob's size.
 func (t *trackerClient) waitForSize(ctx context.Context, limit time.Duration) (*swarmproto.TrackerResponse, error) {
 	deadline := time.Now().Add(limit)
-	var since uint64
 	for {
-		resp, err := t.poll(ctx, since, 0, nil, false, -1)
+		resp, err := t.poll(ctx, 0, nil, false, -1, nil)
 		if err != nil {
 			return nil, err
 		}
@@ -89,6 +179,5 @@ func (t *trackerClient) waitForSize(ctx context.Context, limit time.Duration) (*
 		if time.Now().After(deadline) {
 			return nil, errors.New("seed did not learn the blob size in time")
 		}
-		since = resp.Version
 	}
 }

@@ -2,8 +2,10 @@
 // over libp2p, and checks every field that arrives from the network.
 //
 // Two protocols, one request and one response per stream:
-//   - /starling/tracker/1: Poll (join a blob's swarm, learn its pieces and
-//     peers, long-polling for changes) and Have (report progress).
+//   - /starling/tracker/2: poll (join a blob's swarm, learn its pieces and
+//     peers), have (report progress), withdraw (no longer hold a blob),
+//     permit and release (bounded back-to-source). Every answer comes at
+//     once and says when to ask again (interval_ms).
 //   - /starling/piece/1: PieceRequest, answered by a PieceHeader followed by
 //     exactly Size raw bytes.
 package swarmproto
@@ -22,7 +24,7 @@ import (
 
 // Protocol IDs.
 const (
-	TrackerProtocol protocol.ID = "/starling/tracker/1"
+	TrackerProtocol protocol.ID = "/starling/tracker/2"
 	PieceProtocol   protocol.ID = "/starling/piece/1"
 )
 
@@ -33,12 +35,25 @@ const (
 	MaxPeers         = 64
 	maxAddrs         = 16
 	maxPieces        = 1 << 20 // 4 TiB at 4 MiB pieces
+	// MaxFailed bounds the failure reports one request carries.
+	MaxFailed = 32
+	// MaxIntervalMillis caps the poll interval a tracker may ask for.
+	MaxIntervalMillis = 60_000
 )
 
 // Tracker operations.
 const (
 	OpPoll = "poll"
 	OpHave = "have"
+	// OpWithdraw says the sender no longer holds the blob (evicted or
+	// quarantined): it is dropped from the blob's swarm.
+	OpWithdraw = "withdraw"
+	// OpPermit asks the owning supernode for a back-to-source permit: a
+	// lease to fetch the blob's missing pieces from upstream. Only a few
+	// are granted per blob at a time; the others keep using the swarm.
+	OpPermit = "permit"
+	// OpRelease hands a permit back before its lease ends.
+	OpRelease = "release"
 )
 
 var (
@@ -63,22 +78,35 @@ type TrackerRequest struct {
 	// Known is how many piece CIDs the sender already has; the response
 	// carries only the ones after it.
 	Known int `json:"known,omitempty"`
-	// Since is the swarm version the sender last saw; a poll waits for a
-	// newer one (or a timeout) before answering.
-	Since uint64 `json:"since,omitempty"`
 	// Starved says the sender has had nothing to download for a while
-	// (its peers are gone, busy or bad): the tracker answers at once and
-	// offers it every piece the seed has.
+	// (its peers are gone, busy or bad): the tracker may offer it seed
+	// pieces already on offer to one other peer (never the whole seed).
 	Starved bool `json:"starved,omitempty"`
 	// Want is the piece a client of the sender is blocked on, or -1: the
 	// tracker offers the seed's copy of it and the next few at once, so
 	// the HTTP response streams in order.
 	Want int `json:"want"`
+	// Failed reports claimed pieces their holder did not serve: the
+	// tracker stops counting those claims, and offers the seed's copy once
+	// every claimed holder of a piece has failed.
+	Failed []Failure `json:"failed,omitempty"`
+}
+
+// Failure is one claimed piece a peer did not serve.
+type Failure struct {
+	Peer  string `json:"peer"`
+	Piece int    `json:"piece"`
+	// Corrupt: the peer sent bytes that failed the piece's CID, not
+	// "piece not available" or a dead connection. The tracker drops the
+	// peer from the blob's swarm.
+	Corrupt bool `json:"corrupt,omitempty"`
 }
 
 // Validate checks a request read from the network.
 func (r *TrackerRequest) Validate() error {
-	if r.Op != OpPoll && r.Op != OpHave {
+	switch r.Op {
+	case OpPoll, OpHave, OpWithdraw, OpPermit, OpRelease:
+	default:
 		return fmt.Errorf("unknown op %q", r.Op)
 	}
 	if !sha256Digest.MatchString(r.Digest) {
@@ -112,6 +140,17 @@ func (r *TrackerRequest) Validate() error {
 	if len(r.Have) > maxPieces/8 {
 		return errors.New("bitmap too long")
 	}
+	if len(r.Failed) > MaxFailed {
+		return fmt.Errorf("%d failure reports, at most %d", len(r.Failed), MaxFailed)
+	}
+	for _, f := range r.Failed {
+		if f.Piece < 0 || f.Piece >= maxPieces {
+			return fmt.Errorf("bad failed piece %d", f.Piece)
+		}
+		if len(f.Peer) > 128 {
+			return errors.New("failed peer ID too long")
+		}
+	}
 	return nil
 }
 
@@ -136,6 +175,13 @@ type TrackerResponse struct {
 	// Pieces are CIDs from index Known (of the request) on.
 	Pieces []string   `json:"pieces,omitempty"`
 	Peers  []PeerInfo `json:"peers,omitempty"`
+	// Interval (milliseconds) is the earliest the sender may send its next
+	// request for this blob. It grows with the swarm, so the tracker's
+	// load stays bounded whatever the number of agents.
+	Interval int64 `json:"interval_ms"`
+	// Permit answers OpPermit: granted for PermitTTL milliseconds.
+	Permit    bool  `json:"permit,omitempty"`
+	PermitTTL int64 `json:"permit_ttl_ms,omitempty"`
 }
 
 // Validate checks a response read from the network against the request
@@ -164,6 +210,9 @@ func (r *TrackerResponse) Validate(req *TrackerRequest) error {
 	}
 	if len(r.Peers) > MaxPeers {
 		return fmt.Errorf("%d peers, at most %d", len(r.Peers), MaxPeers)
+	}
+	if r.Interval < 0 || r.Interval > MaxIntervalMillis || r.PermitTTL < 0 {
+		return fmt.Errorf("bad interval %d ms or permit lease %d ms", r.Interval, r.PermitTTL)
 	}
 	for _, p := range r.Peers {
 		if len(p.Addrs) > maxAddrs || len(p.Have) > maxPieces/8 {

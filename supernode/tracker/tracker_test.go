@@ -1,40 +1,38 @@
 package tracker
 
 import (
-	"context"
+	"errors"
 	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
-	"go.uber.org/zap/zaptest"
 
-	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/piece"
 	"github.com/starling-oci/starling/pkg/swarmproto"
 )
 
-var digest = "sha256:" + strings.Repeat("cd", 32)
+var (
+	digest  = "sha256:" + strings.Repeat("cd", 32)
+	t0      = time.Unix(1_000_000, 0)
+	agentIP = netip.MustParseAddr("10.0.0.7")
+)
 
-type countingSeeder struct{ calls int }
-
-func (c *countingSeeder) Ensure(swarmproto.TrackerRequest) { c.calls++ }
-
-func newTracker(t *testing.T) (*Tracker, *countingSeeder) {
-	t.Helper()
-	h, err := p2p.NewHost(p2p.Config{}, nil)
-	if err != nil {
-		t.Fatal(err)
+func newState(cfg Config) *State {
+	if cfg.MaxPeers == 0 {
+		cfg.MaxPeers = 5
 	}
-	t.Cleanup(func() { h.Close() })
-	tr := New(Config{MaxPeers: 5, SeedOffer: 2, PollWait: 5 * time.Second}, h, zaptest.NewLogger(t))
-	s := &countingSeeder{}
-	tr.SetSeeder(s)
-	return tr, s
+	if cfg.SeedOffer == 0 {
+		cfg.SeedOffer = 2
+	}
+	return NewState(cfg, "seed", []string{"/ip4/10.0.0.1/tcp/4001", "/ip4/127.0.0.1/tcp/4001"}, rand.New(rand.NewPCG(1, 2)))
 }
 
-func bits(n int, set ...int) []byte {
+func bitmap(n int, set ...int) []byte {
 	b := piece.NewBitmap(n)
 	for _, i := range set {
 		b.Set(i)
@@ -42,66 +40,38 @@ func bits(n int, set ...int) []byte {
 	return b.Bytes()
 }
 
-func poll(tr *Tracker, from peer.ID, have []byte, starved bool) *swarmproto.TrackerResponse {
-	return tr.Serve(context.Background(), from, &swarmproto.TrackerRequest{
+func asker(id string) Asker { return Asker{ID: peer.ID(id), IP: agentIP} }
+
+func pollReq(have []byte, want int) *swarmproto.TrackerRequest {
+	return &swarmproto.TrackerRequest{
 		Op: swarmproto.OpPoll, Digest: digest, Registry: "docker.io", Repo: "library/app",
-		Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: have, Starved: starved, Want: -1,
-	})
-}
-
-func TestPeersAreABoundedSubsetOfUsefulOnes(t *testing.T) {
-	tr, seeder := newTracker(t)
-	tr.SetSize(digest, 4<<20, 1<<20) // 4 pieces
-	for i := range 12 {
-		have := bits(4, 0) // knows nothing the asker lacks
-		if i%2 == 0 {
-			have = bits(4, 0, 1, 2, 3)
-		}
-		tr.Serve(context.Background(), peer.ID(fmt.Sprint("p", i)), &swarmproto.TrackerRequest{
-			Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: have, Want: -1,
-		})
-	}
-	resp := poll(tr, "asker", bits(4, 0), false)
-	if resp.Error != "" {
-		t.Fatal(resp.Error)
-	}
-	if len(resp.Peers) != 5 {
-		t.Fatalf("%d peers, want the cap of 5", len(resp.Peers))
-	}
-	for _, p := range resp.Peers {
-		if p.ID == "asker" || string(p.Have) != string(bits(4, 0, 1, 2, 3)) {
-			t.Fatalf("peer %s with %x is not useful to the asker", p.ID, p.Have)
-		}
-	}
-	if seeder.calls != 0 {
-		t.Fatalf("seed started for a blob whose size is known")
+		Addrs: []string{"/ip4/10.0.0.7/tcp/4001"}, Have: have, Want: want,
 	}
 }
 
-func TestSeedOffersOnlyUnspreadPiecesUnlessStarved(t *testing.T) {
-	tr, _ := newTracker(t)
-	tr.SetSize(digest, 4<<20, 1<<20)
-	tr.SetSeedHave(digest, bits(4, 0, 1, 2, 3))
-	// Another agent already holds pieces 0 and 1.
-	tr.Serve(context.Background(), "other", &swarmproto.TrackerRequest{
-		Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4, 0, 1), Want: -1,
-	})
-	offer := seedPieces(t, poll(tr, "asker", bits(4), false))
-	if len(offer) != 2 || offer[0] || offer[1] || !offer[2] || !offer[3] {
-		t.Fatalf("offer %v, want exactly the unspread pieces 2 and 3", offer)
-	}
-	// Offers stick until spread.
-	if again := seedPieces(t, poll(tr, "asker", bits(4), false)); len(again) != 2 || !again[2] || !again[3] {
-		t.Fatalf("second offer %v changed", again)
-	}
-	// Starved: everything the seed has.
-	if all := seedPieces(t, poll(tr, "asker", bits(4), true)); len(all) != 4 {
-		t.Fatalf("starved offer %v, want all 4 pieces", all)
-	}
+func haveReq(have []byte) *swarmproto.TrackerRequest {
+	return &swarmproto.TrackerRequest{Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/10.0.0.7/tcp/4001"}, Have: have, Want: -1}
 }
 
-func seedPieces(t *testing.T, resp *swarmproto.TrackerResponse) map[int]bool {
+// sized starts a swarm for digest by a poll and gives it 4 pieces of 1 MiB.
+func sized(t *testing.T, st *State, seedHave ...int) {
 	t.Helper()
+	res := st.Handle(t0, asker("starter"), pollReq(nil, -1))
+	if !res.Seed || res.Resp.Error != "" {
+		t.Fatalf("first poll: seed %v, error %q", res.Seed, res.Resp.Error)
+	}
+	st.Handle(t0, asker("starter"), &swarmproto.TrackerRequest{Op: swarmproto.OpWithdraw, Digest: digest, Want: -1})
+	st.SetSize(t0, digest, 4<<20, 1<<20)
+	if len(seedHave) > 0 {
+		st.SetSeedHave(t0, digest, bitmap(4, seedHave...))
+	}
+}
+
+func seedOffer(t *testing.T, resp *swarmproto.TrackerResponse) map[int]bool {
+	t.Helper()
+	if resp.Error != "" {
+		t.Fatalf("error answer: %s", resp.Error)
+	}
 	for _, p := range resp.Peers {
 		if p.Seed {
 			b, err := piece.BitmapFromBytes(4, p.Have)
@@ -117,93 +87,319 @@ func seedPieces(t *testing.T, resp *swarmproto.TrackerResponse) map[int]bool {
 			return out
 		}
 	}
-	return nil
+	return map[int]bool{}
+}
+
+func TestPeersAreABoundedSubsetOfUsefulOnes(t *testing.T) {
+	st := newState(Config{})
+	sized(t, st)
+	for i := range 12 {
+		have := bitmap(4, 0) // nothing the asker lacks
+		if i%2 == 0 {
+			have = bitmap(4, 0, 1, 2, 3)
+		}
+		if r := st.Handle(t0, asker(fmt.Sprint("p", i)), haveReq(have)); r.Resp.Error != "" {
+			t.Fatal(r.Resp.Error)
+		}
+	}
+	resp := st.Handle(t0, asker("asker"), pollReq(bitmap(4, 0), -1)).Resp
+	if resp.Error != "" {
+		t.Fatal(resp.Error)
+	}
+	if len(resp.Peers) != 5 {
+		t.Fatalf("%d peers, want the cap of 5", len(resp.Peers))
+	}
+	for _, p := range resp.Peers {
+		if p.ID == peer.ID("asker").String() || string(p.Have) != string(bitmap(4, 0, 1, 2, 3)) {
+			t.Fatalf("peer %s with %x is not useful to the asker", p.ID, p.Have)
+		}
+	}
+}
+
+// Fails on the old tracker, which handed a starved asker every piece of
+// the seed: when answers are slow, every agent looks starved and the seed
+// uploaded the blob a hundred times.
+func TestSeedOffersOnlyUnspreadPiecesEvenWhenStarved(t *testing.T) {
+	st := newState(Config{})
+	sized(t, st, 0, 1, 2, 3)
+	st.Handle(t0, asker("other"), haveReq(bitmap(4, 0, 1))) // holds 0 and 1
+	offer := seedOffer(t, st.Handle(t0, asker("a"), pollReq(bitmap(4), -1)).Resp)
+	if len(offer) != 2 || offer[0] || offer[1] || !offer[2] || !offer[3] {
+		t.Fatalf("offer %v, want exactly the unspread pieces 2 and 3", offer)
+	}
+	if again := seedOffer(t, st.Handle(t0, asker("a"), pollReq(bitmap(4), -1)).Resp); len(again) != 2 || !again[2] || !again[3] {
+		t.Fatalf("second offer %v changed: offers stick", again)
+	}
+	// Another asker is offered nothing: each piece is on offer once.
+	if o := seedOffer(t, st.Handle(t0, asker("b"), pollReq(bitmap(4), -1)).Resp); len(o) != 0 {
+		t.Fatalf("b was offered %v, pieces already on offer to a", o)
+	}
+	// Starved, b may share a's offers (one more copy each), never pieces
+	// another agent holds, and c, starved too, gets nothing more.
+	starved := pollReq(bitmap(4), -1)
+	starved.Starved = true
+	if o := seedOffer(t, st.Handle(t0, asker("b"), starved).Resp); len(o) != 2 || o[0] || o[1] {
+		t.Fatalf("starved b was offered %v, want pieces 2 and 3 only", o)
+	}
+	if o := seedOffer(t, st.Handle(t0, asker("c"), starved).Resp); len(o) != 0 {
+		t.Fatalf("starved c was offered %v: the seed would send pieces a third time", o)
+	}
 }
 
 func TestSeedFailureIsReportedOnceThenRetried(t *testing.T) {
-	tr, seeder := newTracker(t)
-	poll(tr, "a", nil, true)
-	if seeder.calls != 1 {
-		t.Fatalf("seed started %d times, want 1", seeder.calls)
+	st := newState(Config{})
+	if res := st.Handle(t0, asker("a"), pollReq(nil, -1)); !res.Seed {
+		t.Fatal("first poll did not start the seed")
 	}
-	tr.Fail(digest, fmt.Errorf("upstream said no"), 401)
-	resp := poll(tr, "a", nil, false)
-	if resp.Error == "" || resp.Status != 401 {
-		t.Fatalf("failure not reported: %+v", resp)
+	if res := st.Handle(t0, asker("a"), pollReq(nil, -1)); res.Seed {
+		t.Fatal("seed started twice while the first fetch runs")
 	}
-	poll(tr, "a", nil, true)
-	if seeder.calls != 2 {
-		t.Fatalf("seed started %d times, want a retry after the reported failure", seeder.calls)
+	st.Fail(t0, digest, errors.New("upstream said no"), http.StatusUnauthorized)
+	res := st.Handle(t0, asker("a"), pollReq(nil, -1))
+	if res.Resp.Error == "" || res.Resp.Status != http.StatusUnauthorized {
+		t.Fatalf("failure not reported: %+v", res.Resp)
+	}
+	if res := st.Handle(t0, asker("a"), pollReq(nil, -1)); !res.Seed {
+		t.Fatal("no retry after the reported failure")
 	}
 }
 
 // A blocked reader's piece is offered at once when nobody else has it or
 // is getting it, so the client's response streams in order; when another
 // agent holds it, the reader gets it from that agent instead.
-func TestWantedPieceIsOfferedAtOnce(t *testing.T) {
-	tr, _ := newTracker(t)
-	tr.SetSize(digest, 4<<20, 1<<20)
-	tr.SetSeedHave(digest, bits(4, 0, 1, 2, 3))
-	tr.Serve(context.Background(), "other", &swarmproto.TrackerRequest{
-		Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4, 3), Want: -1,
-	})
-	req := &swarmproto.TrackerRequest{
-		Op: swarmproto.OpPoll, Digest: digest, Registry: "docker.io", Repo: "library/app",
-		Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4), Since: 1 << 60, Want: 0,
+func TestWantedPieceIsOfferedUnlessHeldElsewhere(t *testing.T) {
+	st := newState(Config{SeedOffer: 2})
+	sized(t, st, 0, 1, 2, 3)
+	st.Handle(t0, asker("other"), haveReq(bitmap(4, 1)))
+	if o := seedOffer(t, st.Handle(t0, asker("a"), pollReq(bitmap(4), 2)).Resp); !o[2] {
+		t.Fatalf("offer %v lacks the wanted piece 2", o)
 	}
-	// No version reaches Since: without the wanted piece this poll would
-	// wait for PollWait; the test's deadline is far shorter.
-	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-	defer cancel()
-	resp := tr.Serve(ctx, "asker", req)
-	if resp.Error != "" {
-		t.Fatalf("poll with a wanted piece was not answered at once: %s", resp.Error)
-	}
-	if offer := seedPieces(t, resp); !offer[0] {
-		t.Fatalf("offer %v lacks the wanted piece 0", offer)
-	}
-}
-
-func TestWantedPieceHeldElsewhereIsNotOffered(t *testing.T) {
-	tr, _ := newTracker(t)
-	tr.SetSize(digest, 4<<20, 1<<20)
-	tr.SetSeedHave(digest, bits(4, 0, 1, 2, 3))
-	tr.Serve(context.Background(), "other", &swarmproto.TrackerRequest{
-		Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4, 0), Want: -1,
-	})
-	resp := tr.Serve(context.Background(), "asker", &swarmproto.TrackerRequest{
-		Op: swarmproto.OpPoll, Digest: digest, Registry: "docker.io", Repo: "library/app",
-		Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4), Want: 0,
-	})
-	if offer := seedPieces(t, resp); offer[0] {
-		t.Fatalf("offer %v includes piece 0, which another agent holds", offer)
+	if o := seedOffer(t, st.Handle(t0, asker("b"), pollReq(bitmap(4), 1)).Resp); o[1] {
+		t.Fatalf("offer %v includes piece 1, which another agent holds", o)
 	}
 }
 
 func TestIdleSwarmsArePruned(t *testing.T) {
-	h, err := p2p.NewHost(p2p.Config{}, nil)
-	if err != nil {
-		t.Fatal(err)
+	st := newState(Config{PeerTTL: time.Minute})
+	sized(t, st)
+	st.Handle(t0, asker("a"), haveReq(bitmap(4, 0)))
+	if n := len(st.Status()); n != 1 {
+		t.Fatalf("%d swarms, want 1", n)
 	}
-	defer h.Close()
-	now := time.Unix(1_000_000, 0)
-	tr := New(Config{PeerTTL: time.Minute, Now: func() time.Time { return now }}, h, zaptest.NewLogger(t))
-	tr.SetSize(digest, 4<<20, 1<<20)
-	tr.Serve(context.Background(), "a", &swarmproto.TrackerRequest{
-		Op: swarmproto.OpHave, Digest: digest, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Have: bits(4, 0), Want: -1,
-	})
-	before := len(tr.Status())
-	now = now.Add(10 * time.Minute)
-	other := "sha256:" + strings.Repeat("ef", 32)
-	tr.Serve(context.Background(), "b", &swarmproto.TrackerRequest{
-		Op: swarmproto.OpHave, Digest: other, Addrs: []string{"/ip4/127.0.0.1/tcp/1"}, Want: -1,
-	})
-	for _, b := range tr.Status() {
+	other := pollReq(nil, -1)
+	other.Digest = "sha256:" + strings.Repeat("ef", 32)
+	st.Handle(t0.Add(10*time.Minute), asker("b"), other)
+	for _, b := range st.Status() {
 		if b.Digest == digest {
-			t.Fatalf("idle swarm of %s survived (%d swarms before)", digest, before)
+			t.Fatalf("idle swarm of %s survived", digest)
 		}
 	}
-	if before != 1 {
-		t.Fatalf("%d swarms before pruning, want 1", before)
+}
+
+// Fails on the old tracker, which kept every have for any digest: 6,000
+// messages took the supernode to 532 MB.
+func TestOnlyAPollStartsASwarm(t *testing.T) {
+	st := newState(Config{})
+	resp := st.Handle(t0, asker("a"), haveReq(bitmap(4, 0))).Resp
+	if resp.Error == "" || len(st.Status()) != 0 {
+		t.Fatalf("a have for an unknown blob was kept (error %q, %d swarms)", resp.Error, len(st.Status()))
+	}
+}
+
+func TestSeedingIsRateLimitedPerPeer(t *testing.T) {
+	st := newState(Config{SeedBurst: 3, SeedRefill: time.Minute})
+	poll := func(id string, k int) *swarmproto.TrackerResponse {
+		r := pollReq(nil, -1)
+		r.Digest = fmt.Sprintf("sha256:%064x", k)
+		return st.Handle(t0, asker(id), r).Resp
+	}
+	for k := range 3 {
+		if r := poll("greedy", k); r.Error != "" {
+			t.Fatalf("poll %d refused: %s", k, r.Error)
+		}
+	}
+	if r := poll("greedy", 3); r.Status != http.StatusTooManyRequests {
+		t.Fatalf("fourth new blob within the burst: status %d, want 429", r.Status)
+	}
+	if r := poll("greedy", 0); r.Error != "" {
+		t.Fatalf("a blob already tracked was refused: %s", r.Error)
+	}
+	if r := poll("modest", 4); r.Error != "" {
+		t.Fatalf("another peer was refused: %s", r.Error)
+	}
+	if n := len(st.Status()); n != 4 {
+		t.Fatalf("%d swarms, want 4", n)
+	}
+}
+
+func TestMembershipIsBoundedPerPeerAndPerBlob(t *testing.T) {
+	st := newState(Config{MaxBlobsPerPeer: 2, MaxPeersPerBlob: 3, MaxBlobs: 4})
+	for k := range 3 {
+		r := pollReq(nil, -1)
+		r.Digest = fmt.Sprintf("sha256:%064x", k)
+		resp := st.Handle(t0, asker("a"), r).Resp
+		if (k < 2) != (resp.Error == "") {
+			t.Fatalf("blob %d for a peer limited to 2: error %q", k, resp.Error)
+		}
+	}
+	for k := range 4 {
+		resp := st.Handle(t0, asker(fmt.Sprint("p", k)), pollReq(nil, -1)).Resp
+		if (k < 3) != (resp.Error == "") {
+			t.Fatalf("member %d of a blob limited to 3: error %q", k+1, resp.Error)
+		}
+	}
+	for k := 10; k < 12; k++ {
+		r := pollReq(nil, -1)
+		r.Digest = fmt.Sprintf("sha256:%064x", k)
+		resp := st.Handle(t0, asker(fmt.Sprint("q", k)), r).Resp
+		if (k == 10) != (resp.Error == "") {
+			t.Fatalf("blob %d of a tracker limited to 4: error %q", k, resp.Error)
+		}
+	}
+}
+
+// Fails on the old tracker, which passed announced addresses on as they
+// were: an insider could send every agent to dial 127.0.0.1 ports.
+func TestAnnouncedAddressesAreTheObservedOnes(t *testing.T) {
+	st := newState(Config{})
+	sized(t, st)
+	liar := pollReq(bitmap(4, 0, 1, 2, 3), -1)
+	liar.Addrs = []string{"/ip4/127.0.0.1/tcp/22", "/ip4/192.0.2.9/tcp/4001", "/dns4/example.com/tcp/80"}
+	st.Handle(t0, Asker{ID: "liar", IP: netip.MustParseAddr("10.0.0.66")}, liar)
+	local := pollReq(bitmap(4, 0, 1, 2, 3), -1)
+	local.Addrs = []string{"/ip4/127.0.0.1/tcp/5555"}
+	st.Handle(t0, Asker{ID: "local", IP: netip.MustParseAddr("127.0.0.1")}, local)
+
+	resp := st.Handle(t0, asker("a"), pollReq(bitmap(4), -1)).Resp
+	if len(resp.Peers) != 1 || resp.Peers[0].ID != peer.ID("liar").String() {
+		t.Fatalf("peers %+v: want only the non-loopback one", resp.Peers)
+	}
+	got := strings.Join(resp.Peers[0].Addrs, " ")
+	if got != "/ip4/10.0.0.66/tcp/22 /ip4/10.0.0.66/tcp/4001" {
+		t.Fatalf("addresses %q, want the announced ports on the observed IP only", got)
+	}
+	for _, p := range resp.Peers {
+		for _, a := range p.Addrs {
+			if strings.Contains(a, "127.0.0.1") {
+				t.Fatalf("loopback address %s handed to a remote asker", a)
+			}
+		}
+	}
+	// A loopback asker (one machine) does get the loopback peer.
+	resp = st.Handle(t0, Asker{ID: "b", IP: netip.MustParseAddr("127.0.0.1")}, pollReq(bitmap(4), -1)).Resp
+	if len(resp.Peers) != 2 {
+		t.Fatalf("loopback asker got %d peers, want 2", len(resp.Peers))
+	}
+}
+
+// Fails on the old tracker: a peer that announced a piece it could not
+// serve kept it counted, so the seed never offered its own copy and askers
+// stalled until they went to the registry.
+func TestClaimThatFailsIsDroppedAndTheSeedOffersThePiece(t *testing.T) {
+	st := newState(Config{})
+	sized(t, st, 0, 1, 2, 3)
+	st.Handle(t0, asker("liar"), haveReq(bitmap(4, 0, 1, 2, 3)))
+	if o := seedOffer(t, st.Handle(t0, asker("a"), pollReq(bitmap(4), 0)).Resp); len(o) != 0 {
+		t.Fatalf("offer %v while another agent claims every piece", o)
+	}
+	r := pollReq(bitmap(4), 0)
+	r.Failed = []swarmproto.Failure{{Peer: peer.ID("liar").String(), Piece: 0}}
+	resp := st.Handle(t0, asker("a"), r).Resp
+	if o := seedOffer(t, resp); !o[0] {
+		t.Fatalf("offer %v lacks piece 0, whose only holder failed", o)
+	}
+	// The liar's other claims still stand.
+	if len(resp.Peers) != 2 {
+		t.Fatalf("%d peers, want the seed and the liar (it claims 1-3)", len(resp.Peers))
+	}
+}
+
+func TestCorruptPeerAndWithdrawnBlobLeaveTheSwarm(t *testing.T) {
+	st := newState(Config{})
+	sized(t, st)
+	st.Handle(t0, asker("bad"), haveReq(bitmap(4, 0, 1, 2, 3)))
+	st.Handle(t0, asker("evicted"), haveReq(bitmap(4, 0, 1, 2, 3)))
+	if resp := st.Handle(t0, asker("a"), pollReq(bitmap(4), -1)).Resp; len(resp.Peers) != 2 {
+		t.Fatalf("%d peers, want 2", len(resp.Peers))
+	}
+	st.Handle(t0, asker("evicted"), &swarmproto.TrackerRequest{Op: swarmproto.OpWithdraw, Digest: digest, Want: -1})
+	r := pollReq(bitmap(4), -1)
+	r.Failed = []swarmproto.Failure{{Peer: peer.ID("bad").String(), Piece: 2, Corrupt: true}}
+	if resp := st.Handle(t0, asker("a"), r).Resp; len(resp.Peers) != 0 {
+		t.Fatalf("peers %+v remain after a withdrawal and a corrupt piece", resp.Peers)
+	}
+	if s := st.Status(); s[0].Peers != 1 {
+		t.Fatalf("%d members, want only the asker", s[0].Peers)
+	}
+}
+
+func TestBackToSourcePermitsAreBounded(t *testing.T) {
+	st := newState(Config{Permits: 2, PermitLease: time.Minute})
+	sized(t, st)
+	ask := func(id string, now time.Time) bool {
+		resp := st.Handle(now, asker(id), &swarmproto.TrackerRequest{Op: swarmproto.OpPermit, Digest: digest, Want: -1}).Resp
+		if resp.Error != "" {
+			t.Fatal(resp.Error)
+		}
+		return resp.Permit
+	}
+	if !ask("a", t0) || !ask("b", t0) {
+		t.Fatal("the first two askers got no permit")
+	}
+	if ask("c", t0) {
+		t.Fatal("a third permit was granted while two leases run")
+	}
+	if !ask("a", t0) {
+		t.Fatal("a holder could not renew its lease")
+	}
+	st.Handle(t0, asker("a"), &swarmproto.TrackerRequest{Op: swarmproto.OpRelease, Digest: digest, Want: -1})
+	if !ask("c", t0) {
+		t.Fatal("no permit after a release")
+	}
+	if ask("d", t0.Add(30*time.Second)) {
+		t.Fatal("permit granted before any lease ended")
+	}
+	// b completes: a complete member needs no permit.
+	st.Handle(t0, asker("b"), haveReq(bitmap(4, 0, 1, 2, 3)))
+	if !ask("d", t0.Add(30*time.Second)) {
+		t.Fatal("no permit after a holder completed")
+	}
+	if !ask("e", t0.Add(2*time.Minute)) {
+		t.Fatal("no permit after every lease expired")
+	}
+}
+
+func TestIntervalGrowsWithTheSwarm(t *testing.T) {
+	st := newState(Config{BlobRate: 2000, TotalRate: 1e9, MinInterval: 100 * time.Millisecond, MaxInterval: 10 * time.Second})
+	sized(t, st)
+	iv := func() time.Duration {
+		return time.Duration(st.Handle(t0, asker("p0"), haveReq(nil)).Resp.Interval) * time.Millisecond
+	}
+	for k := range 10_000 {
+		st.Handle(t0, asker(fmt.Sprint("p", k)), haveReq(nil))
+		switch k + 1 {
+		case 100:
+			if d := iv(); d < 90*time.Millisecond || d > 110*time.Millisecond {
+				t.Fatalf("interval %v at 100 peers, want ~100ms", d)
+			}
+		case 10_000:
+			if d := iv(); d < 4500*time.Millisecond || d > 5500*time.Millisecond {
+				t.Fatalf("interval %v at 10,000 peers, want ~5s", d)
+			}
+		}
+	}
+}
+
+func TestSeedProgressIsNewsOnlyWhenItChanges(t *testing.T) {
+	st := newState(Config{})
+	sized(t, st, 0)
+	v := st.Handle(t0, asker("a"), haveReq(nil)).Resp.Version
+	st.SetSeedHave(t0, digest, bitmap(4, 0))
+	if v2 := st.Handle(t0, asker("a"), haveReq(nil)).Resp.Version; v2 != v {
+		t.Fatalf("version moved %d -> %d on an unchanged seed bitmap", v, v2)
+	}
+	st.SetSeedHave(t0, digest, bitmap(4, 0, 1))
+	if v2 := st.Handle(t0, asker("a"), haveReq(nil)).Resp.Version; v2 == v {
+		t.Fatal("version did not move when the seed gained a piece")
 	}
 }
