@@ -12,7 +12,6 @@ import (
 
 	"github.com/starling-oci/starling/pkg/piece"
 	"github.com/starling-oci/starling/pkg/pieceserver"
-	"github.com/starling-oci/starling/pkg/store"
 	"github.com/starling-oci/starling/pkg/swarmproto"
 	"github.com/starling-oci/starling/registryproxy"
 )
@@ -24,7 +23,7 @@ type download struct {
 	s     *Swarm
 	tr    *trackerClient
 	req   registryproxy.BlobRequest
-	p     *store.Partial
+	p     PieceStore
 	count int
 	sched *Sched
 
@@ -48,11 +47,11 @@ type update struct {
 	err  error
 }
 
-func newDownload(s *Swarm, tr *trackerClient, req registryproxy.BlobRequest, p *store.Partial) *download {
+func newDownload(s *Swarm, tr *trackerClient, req registryproxy.BlobRequest, p PieceStore) *download {
 	cfg := SchedConfig{MaxInflight: s.cfg.MaxInflight, PerPeer: s.cfg.PerPeer, StallTimeout: s.cfg.StallTimeout}
 	return &download{
 		s: s, tr: tr, req: req, p: p, count: piece.Count(p.Size(), p.PieceSize()),
-		sched: NewSched(cfg, s.host.ID(), p.Size(), p.PieceSize(), s.newRand(), time.Now()),
+		sched: NewSched(cfg, s.host.ID(), p.Size(), p.PieceSize(), s.newRand(), s.clock.Now()),
 	}
 }
 
@@ -85,7 +84,7 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 	go func() { defer wg.Done(); d.pollLoop(ctx, updates) }()
 	go func() { defer wg.Done(); d.announceLoop(ctx, announce) }()
 
-	tick := time.NewTicker(100 * time.Millisecond)
+	tick := d.s.clock.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		have := d.p.Have()
@@ -93,7 +92,7 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 			return nil
 		}
 		d.schedule(ctx, &wg, results, &have)
-		d.starved.Store(d.sched.Starved(time.Now()))
+		d.starved.Store(d.sched.Starved(d.s.clock.Now()))
 		changed := d.p.Changed()
 		select {
 		case u := <-updates:
@@ -113,8 +112,8 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 			default:
 			}
 		case <-changed: // a reader moved, or a piece landed
-		case <-tick.C:
-			now := time.Now()
+		case <-tick.C():
+			now := d.s.clock.Now()
 			d.sched.SawData(time.Unix(0, d.lastData.Load()))
 			if d.sched.Stalled(now) {
 				return &errFallback{reason: "no piece completed in " + d.s.cfg.StallTimeout.String()}
@@ -131,7 +130,7 @@ func (d *download) merge(resp *swarmproto.TrackerResponse) error {
 	if err != nil {
 		return err
 	}
-	fresh, err := d.sched.Tracker(time.Now(), resp)
+	fresh, err := d.sched.Tracker(d.s.clock.Now(), resp)
 	if err != nil {
 		return err
 	}
@@ -143,7 +142,7 @@ func (d *download) merge(resp *swarmproto.TrackerResponse) error {
 }
 
 // sawData records that piece bytes are arriving (called from transfers).
-func (d *download) sawData(int) { d.lastData.Store(time.Now().UnixNano()) }
+func (d *download) sawData(int) { d.lastData.Store(d.s.clock.Now().UnixNano()) }
 
 // minPollInterval keeps N agents' long-polls from turning every piece
 // completion into N immediate round trips.
@@ -241,7 +240,7 @@ func (d *download) announceFinal() {
 
 // schedule starts downloads while there is room.
 func (d *download) schedule(ctx context.Context, wg *sync.WaitGroup, results chan<- result, have *piece.Bitmap) {
-	now := time.Now()
+	now := d.s.clock.Now()
 	for {
 		f, ok := d.sched.Next(now, have, d.p.Waiting())
 		if !ok {
@@ -269,7 +268,7 @@ func (d *download) schedule(ctx context.Context, wg *sync.WaitGroup, results cha
 			// A peer that trickles bytes keeps the swarm from looking stalled,
 			// so each transfer has its own deadline: a generous floor rate.
 			fctx, cancel := context.WithTimeout(ctx, 30*time.Second+time.Duration(length/(64<<10))*time.Second)
-			data, err := pieceserver.Fetch(fctx, d.s.host, f.From, req, length, c, buf, d.s.cfg.Download, d.sawData)
+			data, err := d.s.fetcher.Fetch(fctx, f.From, req, length, c, buf, d.sawData)
 			cancel()
 			results <- result{f: f, data: data, buf: buf, err: err}
 		}()
@@ -279,7 +278,7 @@ func (d *download) schedule(ctx context.Context, wg *sync.WaitGroup, results cha
 // finish handles one piece transfer's outcome.
 func (d *download) finish(r result) error {
 	defer func() { d.s.bufs <- r.buf }()
-	now := time.Now()
+	now := d.s.clock.Now()
 	switch {
 	case r.err == nil:
 		if d.p.Have().Has(r.f.Piece) {

@@ -47,6 +47,10 @@ type Config struct {
 	StallTimeout time.Duration
 	// Download paces piece downloads (nil: unlimited).
 	Download *ratelimit.Limiter
+	// Clock is the download policy's time (nil: the wall clock).
+	Clock Clock
+	// Fetcher fetches pieces (nil: over the host, paced by Download).
+	Fetcher PieceFetcher
 }
 
 // Swarm implements blobcache.Filler.
@@ -60,6 +64,9 @@ type Swarm struct {
 
 	rngMu sync.Mutex
 	rng   *rand.Rand // seeds each download's own source
+
+	clock   Clock
+	fetcher PieceFetcher
 
 	fromPeers atomic.Int64
 	fromSeed  atomic.Int64
@@ -83,7 +90,13 @@ func New(cfg Config, h host.Host, st *store.Store, origin *blobcache.Origin, log
 	_, _ = crand.Read(seed[:]) // never fails (crypto/rand panics instead)
 	s := &Swarm{
 		cfg: cfg, host: h, store: st, origin: origin, log: log, bufs: make(chan []byte, cfg.MaxInflight),
-		rng: rand.New(rand.NewChaCha8(seed)),
+		rng: rand.New(rand.NewChaCha8(seed)), clock: cfg.Clock, fetcher: cfg.Fetcher,
+	}
+	if s.clock == nil {
+		s.clock = WallClock{}
+	}
+	if s.fetcher == nil {
+		s.fetcher = HostFetcher{Host: h, Download: cfg.Download}
 	}
 	for range cfg.MaxInflight {
 		s.bufs <- nil // allocated on first use
