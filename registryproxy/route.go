@@ -54,10 +54,13 @@ func ParseRoute(path string) (Route, error) {
 	}
 	var kind Kind
 	var repo, ref string
-	if i := strings.LastIndex(rest, "/manifests/"); i >= 0 {
-		kind, repo, ref = KindManifest, rest[:i], rest[i+len("/manifests/"):]
-	} else if i := strings.LastIndex(rest, "/blobs/"); i >= 0 {
-		kind, repo, ref = KindBlob, rest[:i], rest[i+len("/blobs/"):]
+	// The last of the two markers splits name from reference: a repository
+	// may itself be called ".../manifests" or ".../blobs".
+	m, b := strings.LastIndex(rest, "/manifests/"), strings.LastIndex(rest, "/blobs/")
+	if m >= 0 && m > b {
+		kind, repo, ref = KindManifest, rest[:m], rest[m+len("/manifests/"):]
+	} else if b >= 0 {
+		kind, repo, ref = KindBlob, rest[:b], rest[b+len("/blobs/"):]
 	} else {
 		return Route{}, ocierr.New(http.StatusNotFound, ocierr.Unsupported, "only manifests and blobs are served by this mirror")
 	}

@@ -24,6 +24,8 @@ func TestParseRoute(t *testing.T) {
 		{"/v2/team/app/blobs/" + digestA, Route{KindBlob, "team/app", digestA}, ""},
 		// a repository may itself contain "blobs" or "manifests"
 		{"/v2/blobs/manifests/manifests/v1", Route{KindManifest, "blobs/manifests", "v1"}, ""},
+		{"/v2/e2e/manifests/blobs/" + digestA, Route{KindBlob, "e2e/manifests", digestA}, ""},
+		{"/v2/e2e/blobs/manifests/" + digestA, Route{KindManifest, "e2e/blobs", digestA}, ""},
 		{"/v2/my-org/my_app.x/manifests/v1", Route{KindManifest, "my-org/my_app.x", "v1"}, ""},
 		{"/v2/app/blobs/sha256:abc", Route{}, ocierr.DigestInvalid},
 		{"/v2/app/blobs/latest", Route{}, ocierr.DigestInvalid},

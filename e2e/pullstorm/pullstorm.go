@@ -80,6 +80,11 @@ type RunResult struct {
 	RatioToTMin         float64     `json:"ratio_to_t_min"`
 	FailedPulls         int         `json:"failed_pulls"`
 	AgentMaxRSSBytes    int64       `json:"agent_max_rss_bytes"`
+	// RegistryRequests are the requests the registry had during the pull
+	// (from the barrier to the last pull's end), by kind.
+	RegistryRequests RegistryRequests `json:"registry_requests"`
+	// Blobs is how many blobs the image has (config and layers).
+	Blobs int `json:"blobs"`
 
 	// Completions are the successful nodes' completion times in seconds,
 	// sorted (for the CDF chart).
@@ -296,6 +301,7 @@ func runMode(ctx context.Context, cfg Config, mode, bin, workDir string, img *te
 	}
 	setup := time.Since(setupStart)
 	cpu0 := selfCPU()
+	up.ResetRequests() // setup (start-up checks, the push) is not the rollout
 	t0 = time.Now()
 	close(barrier)
 	stopProgress := prog.start(t0)
@@ -307,6 +313,7 @@ func runMode(ctx context.Context, cfg Config, mode, bin, workDir string, img *te
 	r := &RunResult{
 		Mode: mode, Nodes: cfg.Nodes, ImageBytes: img.blobBytes,
 		RegistryEgressBytes: up.EgressBytes(), Setup: setup, Pull: pull, ClientsCPU: clientsCPU,
+		RegistryRequests: up.Requests(), Blobs: len(img.blobs),
 	}
 	r.EgressRatio = float64(r.RegistryEgressBytes) / float64(r.ImageBytes)
 	var firstErr error

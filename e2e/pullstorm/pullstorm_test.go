@@ -56,6 +56,16 @@ func TestSmallPullStorm(t *testing.T) {
 	if direct.EgressRatio < float64(cfg.Nodes) {
 		t.Errorf("direct egress_ratio %.4f < %d nodes", direct.EgressRatio, cfg.Nodes)
 	}
+	// The registry sees a rollout, not N pulls: one resolution of the tag
+	// and one manifest GET for the cluster, one GET per blob.
+	blobs := int64(p2p.Blobs)
+	if rq := p2p.RegistryRequests; rq.ManifestGet > 1 || rq.BlobGet != blobs || rq.Total() > 10+blobs {
+		t.Errorf("p2p registry_requests %+v (total %d) for %d blobs: want manifest_get <= 1, blob_get = %d, total <= %d",
+			rq, rq.Total(), blobs, blobs, 10+blobs)
+	}
+	if rq := direct.RegistryRequests; rq.ManifestGet < int64(cfg.Nodes) || rq.BlobGet < int64(cfg.Nodes)*blobs {
+		t.Errorf("direct registry_requests %+v: want a manifest GET per node and every blob per node", rq)
+	}
 	if p2p.AgentMaxRSSBytes <= 0 {
 		t.Errorf("p2p agent_max_rss_bytes %d, want > 0", p2p.AgentMaxRSSBytes)
 	}

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -84,6 +85,13 @@ func (u *upstream) URL() string { return "http://" + u.ln.Addr().String() }
 // Host is URL without the scheme.
 func (u *upstream) Host() string { return u.ln.Addr().String() }
 
+// Requests returns the requests the registry has had since the last
+// ResetRequests, by kind.
+func (u *upstream) Requests() RegistryRequests { return u.egress.requests.snapshot() }
+
+// ResetRequests starts counting requests afresh.
+func (u *upstream) ResetRequests() { u.egress.requests.reset() }
+
 // EgressBytes is what the registry has written in responses to GET and HEAD.
 func (u *upstream) EgressBytes() int64 { return u.egress.bytes.Load() }
 
@@ -101,12 +109,14 @@ func (u *upstream) Close() error {
 // HEAD) with one token bucket shared by all connections: the registry's
 // uplink. Pushes are neither counted nor limited.
 type egressHandler struct {
-	next  http.Handler
-	limit *ratelimit.Limiter // nil = unlimited
-	bytes atomic.Int64
+	next     http.Handler
+	limit    *ratelimit.Limiter // nil = unlimited
+	bytes    atomic.Int64
+	requests requestCounter
 }
 
 func (h *egressHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h.requests.count(r)
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		h.next.ServeHTTP(w, r)
 		return
@@ -149,3 +159,63 @@ func (w *egressWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 // Flush passes flushes through, for the streaming reverse proxy.
 // A failed flush surfaces on the next Write.
 func (w *egressWriter) Flush() { _ = http.NewResponseController(w.ResponseWriter).Flush() }
+
+// RegistryRequests counts the requests a registry had, by kind: manifest
+// GETs are what registries such as Docker Hub count as pulls against their
+// rate limits; HEADs are not counted there.
+type RegistryRequests struct {
+	ManifestGet  int64 `json:"manifest_get"`
+	ManifestHead int64 `json:"manifest_head"`
+	BlobGet      int64 `json:"blob_get"`
+	BlobHead     int64 `json:"blob_head"`
+	Other        int64 `json:"other"`
+}
+
+// Total is every request counted.
+func (r RegistryRequests) Total() int64 {
+	return r.ManifestGet + r.ManifestHead + r.BlobGet + r.BlobHead + r.Other
+}
+
+type requestCounter struct {
+	manifestGet, manifestHead, blobGet, blobHead, other atomic.Int64
+}
+
+// count files a request under its kind: /v2/<name>/manifests/<ref> or
+// /v2/<name>/blobs/<digest> with GET or HEAD; anything else (the /v2/
+// ping, uploads, token requests) is other.
+func (c *requestCounter) count(r *http.Request) {
+	path := r.URL.Path
+	kind := ""
+	if strings.HasPrefix(path, "/v2/") {
+		if i := strings.LastIndex(path, "/manifests/"); i > len("/v2") {
+			kind = "manifest"
+		} else if i := strings.LastIndex(path, "/blobs/"); i > len("/v2") && !strings.Contains(path, "/blobs/uploads") {
+			kind = "blob"
+		}
+	}
+	switch {
+	case kind == "manifest" && r.Method == http.MethodGet:
+		c.manifestGet.Add(1)
+	case kind == "manifest" && r.Method == http.MethodHead:
+		c.manifestHead.Add(1)
+	case kind == "blob" && r.Method == http.MethodGet:
+		c.blobGet.Add(1)
+	case kind == "blob" && r.Method == http.MethodHead:
+		c.blobHead.Add(1)
+	default:
+		c.other.Add(1)
+	}
+}
+
+func (c *requestCounter) snapshot() RegistryRequests {
+	return RegistryRequests{
+		ManifestGet: c.manifestGet.Load(), ManifestHead: c.manifestHead.Load(),
+		BlobGet: c.blobGet.Load(), BlobHead: c.blobHead.Load(), Other: c.other.Load(),
+	}
+}
+
+func (c *requestCounter) reset() {
+	for _, n := range []*atomic.Int64{&c.manifestGet, &c.manifestHead, &c.blobGet, &c.blobHead, &c.other} {
+		n.Store(0)
+	}
+}
