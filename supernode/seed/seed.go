@@ -202,9 +202,17 @@ func (s *Seed) run(ctx context.Context, req swarmproto.TrackerRequest) (int64, e
 	}
 	s.pub.SetSize(req.Digest, size, s.pieceSize)
 
-	// Mirror the partial's pieces to the tracker as they land. The watcher
-	// is stopped before any failure is published, so it cannot advertise
-	// pieces of a failed attempt afterwards.
+	// Mirror the partial's piece CIDs and durable pieces to the tracker from
+	// a goroutine of its own: the upstream read path only appends to a
+	// slice, so it never waits on tracker state. The watcher is stopped
+	// before any failure is published, so it cannot advertise pieces of a
+	// failed attempt afterwards.
+	var (
+		pendingMu sync.Mutex
+		pending   []cid.Cid // CIDs hashed and not yet published
+		published int
+	)
+	kick := make(chan struct{}, 1)
 	watchDone, watcherGone := make(chan struct{}), make(chan struct{})
 	defer func() {
 		close(watchDone)
@@ -214,10 +222,19 @@ func (s *Seed) run(ctx context.Context, req swarmproto.TrackerRequest) (int64, e
 		defer close(watcherGone)
 		for {
 			ch := p.Changed()
+			pendingMu.Lock()
+			fresh := pending
+			pending = nil
+			pendingMu.Unlock()
+			for _, c := range fresh {
+				s.pub.AddPiece(req.Digest, published, c)
+				published++
+			}
 			have := p.Have()
 			s.pub.SetSeedHave(req.Digest, have.Bytes())
 			select {
 			case <-ch:
+			case <-kick:
 			case <-watchDone:
 				return
 			}
@@ -225,9 +242,15 @@ func (s *Seed) run(ctx context.Context, req swarmproto.TrackerRequest) (int64, e
 	}()
 
 	var cids []cid.Cid
-	err = p.Append(resp.Body, func(i int, c cid.Cid) {
+	err = p.Append(resp.Body, func(_ int, c cid.Cid) {
 		cids = append(cids, c)
-		s.pub.AddPiece(req.Digest, i, c)
+		pendingMu.Lock()
+		pending = append(pending, c)
+		pendingMu.Unlock()
+		select {
+		case kick <- struct{}{}:
+		default:
+		}
 	})
 	if err != nil {
 		p.Fail(err)
