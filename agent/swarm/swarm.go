@@ -12,6 +12,7 @@ import (
 	crand "crypto/rand"
 	"errors"
 	"fmt"
+	"net/http"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -196,6 +197,26 @@ func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started
 	}
 	d.announceFinal()
 	return nil
+}
+
+// Withdraw tells the blob's supernodes that this agent no longer holds
+// it (evicted, or quarantined after failing a check), so they stop handing
+// it out as a source. Supernodes that do not track the blob are ignored;
+// the first error of the others is returned.
+func (s *Swarm) Withdraw(ctx context.Context, digest string) error {
+	var first error
+	for _, id := range rendezvous.Rank(digest, s.owners) {
+		pid, err := peer.Decode(id)
+		if err != nil {
+			continue
+		}
+		tr := &trackerClient{host: s.host, peer: pid, req: registryproxy.BlobRequest{Digest: digest}}
+		var oe *ocierr.Error
+		if err := tr.withdraw(ctx); err != nil && !(errors.As(err, &oe) && oe.Status == http.StatusNotFound) && first == nil {
+			first = fmt.Errorf("withdraw %s from supernode %s: %w", digest, pid, err)
+		}
+	}
+	return first
 }
 
 // join asks the blob's supernodes in rendezvous order until one answers

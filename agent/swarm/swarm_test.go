@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -27,6 +28,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/starling-oci/starling/agent"
+	"github.com/starling-oci/starling/agent/swarm"
 	"github.com/starling-oci/starling/internal/testregistry"
 	"github.com/starling-oci/starling/pkg/config"
 	"github.com/starling-oci/starling/pkg/p2p"
@@ -484,5 +486,69 @@ func TestOwnerLostMidDownloadFailsOver(t *testing.T) {
 		if s := n.agent.Stats(); s.FromUpstream != 0 {
 			t.Errorf("an agent fetched %d bytes from upstream itself", s.FromUpstream)
 		}
+	}
+}
+
+// trackedPeers reads the supernode's /status: members of digest's swarm.
+func trackedPeers(t *testing.T, sn *supernode.Supernode, digest string) int {
+	t.Helper()
+	srv := httptest.NewServer(sn.Handler())
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var status struct {
+		Blobs []struct {
+			Digest string `json:"digest"`
+			Peers  int    `json:"peers"`
+		} `json:"blobs"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&status); err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range status.Blobs {
+		if b.Digest == digest {
+			return b.Peers
+		}
+	}
+	return 0
+}
+
+// An agent that no longer holds a blob withdraws it: the tracker stops
+// handing it out as a source.
+func TestWithdrawnBlobLeavesTheTracker(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 1, 1<<20)
+	key := swarmKey(t)
+	sn := startSupernode(t, key, up.URL(), 0)
+	layers, _ := img.Layers()
+	d, _ := layers[0].Digest()
+	n := startAgent(t, key, up.URL(), sn.Addrs(), nil)
+	if err := pull(n.srv.URL, "app:v1"); err != nil {
+		t.Fatal(err)
+	}
+
+	h, err := p2p.NewHost(p2p.Config{SwarmKeyFile: key}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	snInfo, err := p2p.ParsePeerAddr(sn.Addrs()[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	sw := swarm.New(swarm.Config{Supernodes: []peer.AddrInfo{snInfo}}, h, nil, nil, zaptest.NewLogger(t))
+	trackerCall(t, h, snInfo.ID, swarmproto.TrackerRequest{Op: swarmproto.OpPoll, Digest: d.String(), Registry: up.Host(),
+		Repo: "app", Addrs: []string{h.Addrs()[0].String()}, Want: -1})
+	if got := trackedPeers(t, sn, d.String()); got != 2 {
+		t.Fatalf("%d members before the withdrawal, want the agent and the joiner", got)
+	}
+	if err := sw.Withdraw(context.Background(), d.String()); err != nil {
+		t.Fatal(err)
+	}
+	if got := trackedPeers(t, sn, d.String()); got != 1 {
+		t.Fatalf("%d members after the withdrawal, want 1", got)
 	}
 }

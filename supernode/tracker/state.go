@@ -412,7 +412,9 @@ func (st *State) handle(now time.Time, from Asker, req *swarmproto.TrackerReques
 		s.seedErr, s.seedCode = "", 0
 		return Result{Resp: resp}
 	}
-	seed := s.size < 0 && !s.seeding
+	// The seed starts for a blob of unknown size, and again for one it
+	// no longer holds (evicted or quarantined on the supernode).
+	seed := !s.seeding && (s.size < 0 || s.seedCount == 0)
 	if seed {
 		s.seeding = true
 	}
@@ -905,6 +907,26 @@ func (st *State) SetSeedHave(now time.Time, digest string, have []byte) {
 		if s != nil && st.setSeedHave(s, have) {
 			s.bump(st, now)
 		}
+		return nil
+	})
+}
+
+// SeedGone records that the supernode's store no longer holds the blob
+// (evicted, or quarantined after failing a check): the seed stops offering
+// it, and the next poll starts the seed again.
+func (st *State) SeedGone(now time.Time, digest string) {
+	_ = st.locked(digest, false, now, func(s *swarm) error {
+		if s == nil || s.seeding {
+			return nil
+		}
+		for _, m := range s.members {
+			for _, i := range m.offers {
+				s.offered[i] = without(s.offered[i], m)
+			}
+			m.offers = nil
+		}
+		s.seedHave, s.seedCount = nil, 0
+		s.bump(st, now)
 		return nil
 	})
 }

@@ -114,6 +114,9 @@ func (t *Tracker) SetSeedHave(digest string, have []byte) {
 	t.state.SetSeedHave(time.Now(), digest, have)
 }
 
+// SeedGone records that the supernode's store dropped the blob.
+func (t *Tracker) SeedGone(digest string) { t.state.SeedGone(time.Now(), digest) }
+
 // Fail records that the seed could not fetch the blob.
 func (t *Tracker) Fail(digest string, err error, status int) {
 	t.state.Fail(time.Now(), digest, err, status)

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/starling-oci/starling/pkg/piece"
@@ -401,5 +402,31 @@ func TestSeedProgressIsNewsOnlyWhenItChanges(t *testing.T) {
 	st.SetSeedHave(t0, digest, bitmap(4, 0, 1))
 	if v2 := st.Handle(t0, asker("a"), haveReq(nil)).Resp.Version; v2 == v {
 		t.Fatal("version did not move when the seed gained a piece")
+	}
+}
+
+// Fails on the old tracker, which kept advertising a blob the supernode's
+// store had evicted until its swarm was pruned.
+func TestSeedThatLostTheBlobStopsOfferingItAndSeedsAgain(t *testing.T) {
+	st := newState(Config{})
+	sized(t, st)
+	cids := make([]cid.Cid, 4)
+	for i := range cids {
+		cids[i] = piece.CID([]byte{byte(i)})
+	}
+	st.SetMetainfo(t0, &piece.Metainfo{Digest: digest, Size: 4 << 20, PieceSize: 1 << 20, Pieces: cids}, bitmap(4, 0, 1, 2, 3))
+	if o := seedOffer(t, st.Handle(t0, asker("a"), pollReq(bitmap(4), -1)).Resp); len(o) == 0 {
+		t.Fatal("no seed offer for a blob the seed holds")
+	}
+	st.SeedGone(t0, digest)
+	res := st.Handle(t0, asker("a"), pollReq(bitmap(4), -1))
+	if o := seedOffer(t, res.Resp); len(o) != 0 {
+		t.Fatalf("seed offered %v of a blob it no longer holds", o)
+	}
+	if !res.Seed {
+		t.Fatal("the seed was not started again")
+	}
+	if res.Resp.Size != 4<<20 || len(st.Handle(t0, asker("b"), pollReq(nil, -1)).Resp.Pieces) != 4 {
+		t.Fatal("the piece table was lost with the seed's copy")
 	}
 }
