@@ -37,9 +37,14 @@ func WriteMsg(w io.Writer, v any) error {
 }
 
 // ReadMsg reads one message written by WriteMsg into v, rejecting bodies
-// longer than maxSize bytes with an error wrapping ErrTooLarge and any JSON field
-// v does not know. It never reads past the end of the message, so the rest of
-// r (for example a piece's bytes) stays unread.
+// longer than maxSize bytes with an error wrapping ErrTooLarge. It never
+// reads past the end of the message, so the rest of r (for example a piece's
+// bytes) stays unread.
+//
+// Fields v does not know are ignored, so a peer one version ahead can add
+// optional fields without breaking older peers mid rolling upgrade; the
+// fields v knows are still type-checked here and validated by the caller. A
+// change of meaning, not just an added field, takes a new protocol ID.
 //
 // The returned error wraps io.EOF only when r ended cleanly before the first
 // byte of a message; a message cut short wraps io.ErrUnexpectedEOF.
@@ -73,7 +78,6 @@ func ReadMsg(r io.Reader, v any, maxSize int) error {
 	}
 
 	dec := json.NewDecoder(&body)
-	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		if errors.Is(err, io.EOF) { // whitespace-only body
 			err = io.ErrUnexpectedEOF
