@@ -491,3 +491,71 @@ func TestManifestPullPrefetchesBlobs(t *testing.T) {
 		t.Fatalf("upstream saw %d blob GETs in all, want 3", n)
 	}
 }
+
+// headTag resolves a tag the way containerd does: a HEAD of the tag, with
+// containerd's Accept list, reading Docker-Content-Digest.
+func headTag(t *testing.T, mirror *httptest.Server, repo, tag string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodHead, mirror.URL+"/v2/"+repo+"/manifests/"+tag, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mt := range []string{"application/vnd.docker.distribution.manifest.v2+json", "application/vnd.docker.distribution.manifest.list.v2+json",
+		"application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json", "*/*"} {
+		req.Header.Add("Accept", mt)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode, resp.Header.Get("Docker-Content-Digest")
+}
+
+// TestTagResolvedByHeadServedWhileUpstreamDown is containerd alone: it
+// resolves the tag with a HEAD and pulls everything else by digest. When the
+// registry then goes away, the tag still resolves from the cache, to the
+// same digest, and the image pulls by that digest.
+func TestTagResolvedByHeadServedWhileUpstreamDown(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 2, 1024)
+	want := must(img.Digest())
+	mirror := startAgent(t, nil, up.URL())
+	if code, d := headTag(t, mirror, "app", "v1"); code != http.StatusOK || d != want.String() {
+		t.Fatalf("HEAD of the tag: %d %q, want 200 %s", code, d, want)
+	}
+	if got := pull(t, mirror, "app@"+want.String()); got != want {
+		t.Fatalf("pull by digest: %s, want %s", got, want)
+	}
+	up.Server.Close()
+	if code, d := headTag(t, mirror, "app", "v1"); code != http.StatusOK || d != want.String() {
+		t.Fatalf("HEAD of the tag with upstream down: %d %q, want 200 %s", code, d, want)
+	}
+	if got := pull(t, mirror, "app@"+want.String()); got != want {
+		t.Fatalf("pull by digest with upstream down: %s, want %s", got, want)
+	}
+}
+
+// TestHeadOfTagCachesTheManifest: a client that only HEADs a tag has the
+// manifest it names cached, so the tag is served in full while upstream is
+// down.
+func TestHeadOfTagCachesTheManifest(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 1, 1024)
+	want := must(img.Digest())
+	mirror := startAgent(t, func(c *agent.Config) { c.Prefetch = false }, up.URL())
+	if code, d := headTag(t, mirror, "app", "v1"); code != http.StatusOK || d != want.String() {
+		t.Fatalf("HEAD of the tag: %d %q, want 200 %s", code, d, want)
+	}
+	up.Server.Close()
+	resp, err := http.Get(mirror.URL + "/v2/app/manifests/v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	sum := sha256.Sum256(body)
+	if resp.StatusCode != http.StatusOK || "sha256:"+hex.EncodeToString(sum[:]) != want.String() {
+		t.Fatalf("GET of the tag with upstream down: %d, body hashes to sha256:%x, want 200 and %s", resp.StatusCode, sum, want)
+	}
+}

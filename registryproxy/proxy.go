@@ -218,6 +218,9 @@ func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstre
 	defer resp.Body.Close()
 	p.access.allow(key)
 	if r.Method == http.MethodHead {
+		if !route.IsDigest() {
+			p.rememberHeadTag(r.Context(), reg, route, authz, hdr, resp.Header.Get("Docker-Content-Digest"))
+		}
 		for _, h := range []string{"Content-Type", "Content-Length", "Docker-Content-Digest"} {
 			if v := resp.Header.Get(h); v != "" {
 				w.Header().Set(h, v)
@@ -226,19 +229,10 @@ func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstre
 		w.WriteHeader(http.StatusOK)
 		return nil
 	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxManifestBytes+1))
+	digest, m, err := readManifest(resp, route)
 	if err != nil {
-		return ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "read manifest from upstream: %v", err)
+		return err
 	}
-	if len(body) > maxManifestBytes {
-		return ocierr.New(http.StatusBadGateway, ocierr.ManifestInvalid, "upstream manifest exceeds %d bytes", maxManifestBytes)
-	}
-	sum := sha256.Sum256(body)
-	digest := "sha256:" + hex.EncodeToString(sum[:])
-	if route.IsDigest() && digest != route.Ref {
-		return ocierr.New(http.StatusBadGateway, ocierr.ManifestInvalid, "upstream manifest hashes to %s, not %s", digest, route.Ref)
-	}
-	m := store.Manifest{MediaType: resp.Header.Get("Content-Type"), Body: body}
 	if p.cfg.Prefetch {
 		p.prefetch(reg, route.Repo, authz, m)
 	}
@@ -250,6 +244,61 @@ func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstre
 		}
 	}
 	return writeManifest(w, r, digest, m)
+}
+
+// readManifest reads and checks an upstream manifest response: size-capped,
+// and hashing to the digest asked for, if one was.
+func readManifest(resp *http.Response, route Route) (string, store.Manifest, error) {
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxManifestBytes+1))
+	if err != nil {
+		return "", store.Manifest{}, ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "read manifest from upstream: %v", err)
+	}
+	if len(body) > maxManifestBytes {
+		return "", store.Manifest{}, ocierr.New(http.StatusBadGateway, ocierr.ManifestInvalid, "upstream manifest exceeds %d bytes", maxManifestBytes)
+	}
+	sum := sha256.Sum256(body)
+	digest := "sha256:" + hex.EncodeToString(sum[:])
+	if route.IsDigest() && digest != route.Ref {
+		return "", store.Manifest{}, ocierr.New(http.StatusBadGateway, ocierr.ManifestInvalid, "upstream manifest hashes to %s, not %s", digest, route.Ref)
+	}
+	return digest, store.Manifest{MediaType: resp.Header.Get("Content-Type"), Body: body}, nil
+}
+
+// rememberHeadTag records the digest upstream gave for a HEAD of a tag, so
+// the tag can be answered from the cache while upstream is down: containerd
+// resolves tags with a HEAD and GETs only by digest. The manifest it names is
+// fetched now if it is not cached; the client's GET by digest that follows
+// is then served from the cache, so upstream sees no extra request. Failures
+// are logged and leave the tag unremembered; the HEAD is answered anyway.
+func (p *Proxy) rememberHeadTag(ctx context.Context, reg upstream.Registry, route Route, authz string, hdr http.Header, digest string) {
+	log := p.log.With(zap.String("registry", reg.Host), zap.String("repo", route.Repo), zap.String("tag", route.Ref), zap.String("digest", digest))
+	if !sha256Pattern.MatchString(digest) {
+		log.Debug("upstream HEAD of a tag gave no usable Docker-Content-Digest; tag not remembered")
+		return
+	}
+	if _, err := p.cfg.Manifests.Manifest(digest); err != nil {
+		resp, err := p.cfg.Upstream.Do(ctx, upstream.Request{
+			Registry: reg, Repo: route.Repo, Method: http.MethodGet, Path: "manifests/" + digest,
+			Authorization: authz, Header: hdr,
+		})
+		if err != nil {
+			log.Warn("fetch the manifest a tag's HEAD named; tag not remembered", zap.Error(err))
+			return
+		}
+		_, m, err := readManifest(resp, Route{Kind: KindManifest, Repo: route.Repo, Ref: digest})
+		resp.Body.Close()
+		if err != nil {
+			log.Warn("fetch the manifest a tag's HEAD named; tag not remembered", zap.Error(err))
+			return
+		}
+		if err := p.cfg.Manifests.PutManifest(digest, m); err != nil {
+			log.Warn("cache manifest", zap.Error(err))
+			return
+		}
+	}
+	if err := p.cfg.Manifests.PutTag(reg.Host, route.Repo, route.Ref, digest); err != nil {
+		log.Warn("remember tag", zap.Error(err))
+	}
 }
 
 // serveFromSource answers a manifest request from the ManifestSource. It
