@@ -239,3 +239,63 @@ func TestPrivateRepositoryNotServedToUnacceptedClients(t *testing.T) {
 		t.Fatalf("accepted client on agent b: %d", resp.StatusCode)
 	}
 }
+
+// dockerHubLike puts a Docker Hub style token gate in front of up: every
+// request needs a bearer token from the token endpoint (served at /token
+// by the registry's own host, as a realm must be for a loopback registry);
+// anonymous tokens read repositories under public/, a token got with
+// credentials reads everything.
+func dockerHubLike(t *testing.T, up *testregistry.Registry) {
+	t.Helper()
+	challenge := `Bearer realm="` + up.URL() + `/token",service="test"`
+	up.SetGate(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.URL.Path == "/token" {
+			tok := "anon"
+			if r.Header.Get("Authorization") != "" {
+				tok = "private-ok"
+			}
+			w.Header().Set("Content-Type", "application/json")
+			_, _ = io.WriteString(w, `{"token":"`+tok+`"}`)
+			return true
+		}
+		authz := r.Header.Get("Authorization")
+		public := strings.HasPrefix(r.URL.Path, "/v2/public/")
+		if authz == "Bearer private-ok" || (authz == "Bearer anon" && public) {
+			return false
+		}
+		w.Header().Set("WWW-Authenticate", challenge)
+		w.WriteHeader(http.StatusUnauthorized)
+		return true
+	})
+}
+
+// Against a registry that wants a token even for public repositories
+// (Docker Hub), anonymous pulls of a public image need no request per
+// node: the supernode takes an anonymous token itself and the agents
+// answer their clients without sending them through the token flow.
+func TestAnonymousPublicPullsNeedNoPerNodeRequest(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "public/app:v1", 1, 16<<10)
+	up.Push(t, "private/app:v1", 1, 16<<10)
+	dockerHubLike(t, up)
+	key := swarmKey(t)
+	sn := startSupernode(t, key, up.URL(), time.Hour)
+	var mirrors []*httptest.Server
+	for range 3 {
+		mirrors = append(mirrors, startAgent(t, key, up.URL(), sn.Addrs()))
+	}
+	for i, m := range mirrors {
+		resp := get(t, m.URL+"/v2/public/app/manifests/v1", "")
+		if resp.StatusCode != 200 || resp.Header.Get("Docker-Content-Digest") != digestOf(t, img) {
+			t.Fatalf("agent %d: anonymous GET of a public tag: %d %s", i, resp.StatusCode, resp.Header.Get("Docker-Content-Digest"))
+		}
+	}
+	if g, h := up.Count("GET manifests"), up.Count("HEAD manifests"); g != 1 || h != 1 {
+		t.Fatalf("registry saw %d manifest GETs and %d HEADs for 3 agents, want 1 and 1", g, h)
+	}
+	// A private repository still sends the anonymous client to the token flow.
+	resp := get(t, mirrors[0].URL+"/v2/private/app/manifests/v1", "")
+	if resp.StatusCode != http.StatusUnauthorized || !strings.HasPrefix(resp.Header.Get("WWW-Authenticate"), "Bearer realm=") {
+		t.Fatalf("anonymous GET of a private tag: %d %q, want 401 with the challenge", resp.StatusCode, resp.Header.Get("WWW-Authenticate"))
+	}
+}

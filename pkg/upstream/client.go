@@ -140,8 +140,8 @@ func (c *Client) Do(ctx context.Context, req Request) (*http.Response, error) {
 }
 
 // keychainTransport returns a transport that authenticates with the
-// operator's credentials for the registry, running the token flow itself.
-// Anonymous registries get the plain transport.
+// operator's credentials for the registry, or anonymously when there are
+// none, running the token flow itself.
 func (c *Client) keychainTransport(ctx context.Context, reg Registry, repo string) (http.RoundTripper, error) {
 	key := reg.Host + "/" + repo
 	c.mu.Lock()
@@ -162,10 +162,21 @@ func (c *Client) keychainTransport(ctx context.Context, reg Registry, repo strin
 	if err != nil {
 		return nil, fmt.Errorf("resolve credentials for %s: %w", reg.Host, err)
 	}
+	scope := nreg.Repo(repo).Scope(transport.PullScope)
 	if auth == authn.Anonymous {
-		rt = c.base
+		// Registries such as Docker Hub want a token even for public
+		// repositories: take an anonymous one, as a client would, so public
+		// content is read without sending each client through the token
+		// flow. A repository it does not open still answers 401 with its
+		// challenge, which reaches the client. A registry that cannot be
+		// pinged now is asked without, and asked again next time.
+		art, aerr := transport.NewWithContext(ctx, nreg, authn.Anonymous, c.base, []string{scope})
+		if aerr != nil {
+			c.log.Debug("anonymous token flow unavailable; asking without", zap.String("registry", reg.Host), zap.Error(aerr))
+			return c.base, nil
+		}
+		rt = art
 	} else {
-		scope := nreg.Repo(repo).Scope(transport.PullScope)
 		rt, err = transport.NewWithContext(ctx, nreg, auth, c.base, []string{scope})
 		if err != nil {
 			return nil, fmt.Errorf("authenticate to %s with configured credentials: %w", reg.Host, err)

@@ -78,6 +78,9 @@ type Service struct {
 	// onWait, when set (tests), is called as a caller starts waiting on a
 	// shared upstream exchange.
 	onWait func()
+	// onBody, when set (tests), is called as a tag's resolution starts to
+	// get the manifest it names.
+	onBody func()
 
 	mu     sync.Mutex
 	tags   map[string]tagEntry  // tagKey -> last resolution
@@ -214,8 +217,23 @@ func (s *Service) resolveTag(ctx context.Context, reg upstream.Registry, repo, t
 	if swarmprotoDigest(digest) {
 		if m, err := s.cache.Manifest(digest); err == nil {
 			ans = &Answer{Digest: digest, Manifest: m}
-		} else if ans, err = s.fetch(ctx, reg, repo, digest, authz); err != nil {
-			return nil, err
+		} else {
+			// Upstream just named this digest in this repository to these
+			// credentials: the body may come from a GET made for other
+			// credentials' resolution of it, so there is one GET per digest.
+			if s.onBody != nil {
+				s.onBody()
+			}
+			v, err, _ := s.flights.Do("body\x00"+reg.Host+"/"+repo+"@"+digest, func() (any, error) {
+				if m, err := s.cache.Manifest(digest); err == nil { // kept by a flight that just ended
+					return &Answer{Digest: digest, Manifest: m}, nil
+				}
+				return s.fetch(ctx, reg, repo, digest, authz)
+			})
+			if err != nil {
+				return nil, err
+			}
+			ans = v.(*Answer)
 		}
 	} else if ans, err = s.fetch(ctx, reg, repo, tag, authz); err != nil {
 		// Upstream sent no usable digest: the tag's GET gives the body to hash.

@@ -261,3 +261,41 @@ func TestStaleTagWhileUpstreamDown(t *testing.T) {
 		t.Fatal("unknown tag answered while upstream is down")
 	}
 }
+
+// Clients with different credentials resolving one tag at once each get
+// their own HEAD (upstream must accept each of them), but the manifest
+// the tag names is fetched once.
+func TestDifferentCredentialsShareOneManifestGET(t *testing.T) {
+	reg := testregistry.New(t)
+	img := reg.Push(t, "app:v1", 1, 1024)
+	s, _ := newService(t, reg, Config{TagTTL: time.Hour})
+	// Both HEADs are answered together, and the manifest's GET is held
+	// until both resolutions are after it.
+	var heads, bodies sync.WaitGroup
+	heads.Add(2)
+	bodies.Add(2)
+	s.onBody = bodies.Done
+	reg.SetGate(func(w http.ResponseWriter, r *http.Request) bool {
+		switch r.Method {
+		case http.MethodHead:
+			heads.Done()
+			heads.Wait()
+		case http.MethodGet:
+			bodies.Wait()
+		}
+		return false
+	})
+	var wg sync.WaitGroup
+	for _, authz := range []string{"Bearer alice", "Bearer bob"} {
+		wg.Go(func() {
+			ans, err := resolve(t, s, reg, "app", "v1", authz)
+			if err != nil || ans.Digest != digestOf(t, img) {
+				t.Errorf("%s: %v", authz, err)
+			}
+		})
+	}
+	wg.Wait()
+	if h, g := upstreamCounts(reg); h != 2 || g != 1 {
+		t.Fatalf("%d HEADs, %d GETs; want 2 (one per credentials), 1", h, g)
+	}
+}
