@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -22,6 +23,7 @@ import (
 	"github.com/starling-oci/starling/pkg/addrfile"
 	"github.com/starling-oci/starling/pkg/config"
 	"github.com/starling-oci/starling/pkg/httpserve"
+	"github.com/starling-oci/starling/pkg/metrics"
 	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/piece"
 	"github.com/starling-oci/starling/pkg/pieceserver"
@@ -44,6 +46,8 @@ type Config struct {
 	LogLevel     string          `yaml:"log-level"`
 	AddrFile     string          `yaml:"addr-file"`
 	Prefetch     bool            `yaml:"prefetch"`
+	// MetricsListen serves /metrics, /livez and /readyz; empty = off.
+	MetricsListen string `yaml:"metrics-listen"`
 
 	// P2P: with no supernode the agent is a plain caching mirror.
 	Supernodes   config.Strings  `yaml:"supernode"`
@@ -57,20 +61,25 @@ type Config struct {
 	StallTimeout config.Duration `yaml:"stall-timeout"`
 }
 
+// DefaultMetricsListen is the agent's metrics address: every interface, so
+// that an in-cluster Prometheus and the kubelet's probes reach it.
+const DefaultMetricsListen = ":9402"
+
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{
-		Listen:       "127.0.0.1:5000",
-		DataDir:      "/var/lib/starling/agent",
-		AuthTTL:      config.Duration(5 * time.Minute),
-		PieceSize:    config.Bytes(piece.DefaultSize),
-		FetchTimeout: config.Duration(30 * time.Minute),
-		LogLevel:     "info",
-		Prefetch:     true,
-		P2PListen:    config.Strings{Values: []string{"/ip4/0.0.0.0/tcp/4002"}},
-		MaxUploads:   4,
-		MaxInflight:  8,
-		StallTimeout: config.Duration(15 * time.Second),
+		Listen:        "127.0.0.1:5000",
+		MetricsListen: DefaultMetricsListen,
+		DataDir:       "/var/lib/starling/agent",
+		AuthTTL:       config.Duration(5 * time.Minute),
+		PieceSize:     config.Bytes(piece.DefaultSize),
+		FetchTimeout:  config.Duration(30 * time.Minute),
+		LogLevel:      "info",
+		Prefetch:      true,
+		P2PListen:     config.Strings{Values: []string{"/ip4/0.0.0.0/tcp/4002"}},
+		MaxUploads:    4,
+		MaxInflight:   8,
+		StallTimeout:  config.Duration(15 * time.Second),
 	}
 }
 
@@ -86,6 +95,7 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.Var(&c.FetchTimeout, "fetch-timeout", "upper bound on one blob fetch")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
 	fs.BoolVar(&c.Prefetch, "prefetch", c.Prefetch, "start fetching an image's config and layers as soon as its manifest is pulled")
+	fs.StringVar(&c.MetricsListen, "metrics-listen", c.MetricsListen, "address of the metrics and health listener (/metrics, /livez, /readyz); empty = none")
 	fs.StringVar(&c.AddrFile, "addr-file", c.AddrFile, "write the bound addresses as JSON to this file once listening (for tests and scripts)")
 	fs.Var(&c.Supernodes, "supernode", "supernode multiaddr with /p2p/<id> (repeatable; each blob's owner is chosen by rendezvous hashing); none = no P2P")
 	fs.Var(&c.P2PListen, "p2p-listen", "libp2p listen multiaddr (repeatable)")
@@ -114,12 +124,14 @@ func (c *Config) Validate() error {
 
 // Agent is a running agent's parts.
 type Agent struct {
-	store  *store.Store
-	cache  *blobcache.Cache
-	mux    *http.ServeMux
-	host   host.Host // nil without supernodes
-	origin *blobcache.Origin
-	swarm  *swarm.Swarm
+	metrics *metrics.Registry
+	checks  []metrics.Check
+	store   *store.Store
+	cache   *blobcache.Cache
+	mux     *http.ServeMux
+	host    host.Host // nil without supernodes
+	origin  *blobcache.Origin
+	swarm   *swarm.Swarm
 }
 
 // New builds an agent from its configuration; Close releases it.
@@ -137,18 +149,21 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 	}
 	download := ratelimit.New(int64(cfg.DownloadRate))
 	origin := &blobcache.Origin{Store: st, Upstream: up, PieceSize: int64(cfg.PieceSize), Download: download, Log: log.Named("origin")}
-	a := &Agent{store: st, origin: origin}
+	a := &Agent{store: st, origin: origin, metrics: metrics.New("agent")}
+	a.checks = []metrics.Check{{Name: "store", Check: func(context.Context) error { return st.Ready() }}}
 	var filler blobcache.Filler = origin
 	var source registryproxy.ManifestSource
 	if len(cfg.Supernodes.Values) > 0 {
-		sw, h, err := newSwarm(cfg, st, origin, download, log)
+		sw, h, err := newSwarm(cfg, st, origin, download, a.metrics, log)
 		if err != nil {
 			st.Close()
 			return nil, err
 		}
 		a.host, a.swarm, filler = h, sw, sw
 		source = manifests.New(h, supernodeIDs(cfg.Supernodes.Values), log.Named("manifests"))
+		a.checks = append(a.checks, metrics.Check{Name: "supernode", Check: a.supernodeReachable(cfg)})
 	}
+	a.registerMetrics()
 	cache := blobcache.New(st, filler, time.Duration(cfg.FetchTimeout), log.Named("cache"))
 	a.cache = cache
 	proxy := registryproxy.New(registryproxy.Config{
@@ -156,14 +171,16 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 		AuthTTL: time.Duration(cfg.AuthTTL), Prefetch: cfg.Prefetch, Log: log.Named("proxy"),
 	})
 	mux := http.NewServeMux()
-	mux.Handle("/v2/", proxy)
+	mux.Handle("/v2/", a.metrics.NewRequests().Middleware(proxy, classifier(regs, st)))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
-	mux.HandleFunc("/metrics", a.serveMetrics)
+	// The node-local copy of the metrics listener's /metrics, for scripts
+	// on the node.
+	mux.Handle("/metrics", a.MetricsHandler())
 	a.mux = mux
 	return a, nil
 }
 
-func newSwarm(cfg Config, st *store.Store, origin *blobcache.Origin, download *ratelimit.Limiter, log *zap.Logger) (*swarm.Swarm, host.Host, error) {
+func newSwarm(cfg Config, st *store.Store, origin *blobcache.Origin, download *ratelimit.Limiter, m *metrics.Registry, log *zap.Logger) (*swarm.Swarm, host.Host, error) {
 	var supernodes []peer.AddrInfo
 	for _, s := range cfg.Supernodes.Values {
 		ai, err := p2p.ParsePeerAddr(s)
@@ -172,13 +189,19 @@ func newSwarm(cfg Config, st *store.Store, origin *blobcache.Origin, download *r
 		}
 		supernodes = append(supernodes, ai)
 	}
-	h, err := p2p.NewHost(p2p.Config{ListenAddrs: cfg.P2PListen.Values, IdentityFile: cfg.Identity, SwarmKeyFile: cfg.SwarmKey}, log.Named("p2p"))
+	h, err := p2p.NewHost(p2p.Config{ListenAddrs: cfg.P2PListen.Values, IdentityFile: cfg.Identity, SwarmKeyFile: cfg.SwarmKey, Metrics: m.Registerer()}, log.Named("p2p"))
 	if err != nil {
 		return nil, nil, err
 	}
 	pieceserver.NewServer(st, ratelimit.New(int64(cfg.UploadRate)), cfg.MaxUploads, log.Named("pieces")).Register(h)
+	fallbacks := m.NewCounterVec("back_to_source_total",
+		"Blobs (or their missing pieces) the agent fetched from the registry because the swarm could not deliver them, by reason.",
+		"reason", metrics.FallbackReasons)
+	corrupt := m.NewCounter("corrupt_pieces_total", "Pieces received from peers that failed their CID check and were discarded.")
 	sw := swarm.New(swarm.Config{
 		Supernodes: supernodes, MaxInflight: cfg.MaxInflight, StallTimeout: time.Duration(cfg.StallTimeout), Download: download,
+		OnFallback: func(reason string) { fallbacks.WithLabelValues(reason).Inc() },
+		OnCorrupt:  corrupt.Inc,
 	}, h, st, origin, log.Named("swarm"))
 	return sw, h, nil
 }
@@ -227,16 +250,85 @@ func (a *Agent) Stats() Stats {
 	return s
 }
 
-// serveMetrics writes the counters in Prometheus text format.
-func (a *Agent) serveMetrics(w http.ResponseWriter, _ *http.Request) {
-	s := a.Stats()
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-	fmt.Fprintf(w, "# TYPE starling_blob_bytes_total counter\n")
-	fmt.Fprintf(w, "starling_blob_bytes_total{source=\"upstream\"} %d\n", s.FromUpstream)
-	fmt.Fprintf(w, "starling_blob_bytes_total{source=\"peers\"} %d\n", s.FromPeers)
-	fmt.Fprintf(w, "starling_blob_bytes_total{source=\"seed\"} %d\n", s.FromSeed)
-	fmt.Fprintf(w, "# TYPE starling_cache_used_bytes gauge\nstarling_cache_used_bytes %d\n", a.store.Used())
+// registerMetrics registers the gauges and counters read from the parts at
+// scrape time.
+func (a *Agent) registerMetrics() {
+	m := a.metrics
+	src := map[string]func(Stats) int64{
+		"upstream": func(s Stats) int64 { return s.FromUpstream },
+		"peers":    func(s Stats) int64 { return s.FromPeers },
+		"seed":     func(s Stats) int64 { return s.FromSeed },
+	}
+	for _, name := range metrics.Sources {
+		f := src[name]
+		m.CounterFunc("blob_bytes_total", "Blob bytes the agent received, by source: upstream (the registry, back-to-source or no swarm), peers (other agents), seed (supernodes).",
+			map[string]string{"source": name}, func() float64 { return float64(f(a.Stats())) })
+	}
+	m.GaugeFunc("cache_used_bytes", "Bytes of complete blobs in the agent's store.", func() float64 { return float64(a.store.Used()) })
+	m.CounterFunc("cache_evictions_total", "Blobs evicted from the store to keep it under --cache-size.", nil, func() float64 { return float64(a.store.Evictions()) })
+	m.GaugeFunc("peers_connected", "libp2p peers (agents and supernodes) the agent is connected to.", func() float64 {
+		if a.host == nil {
+			return 0
+		}
+		return float64(len(a.host.Network().Peers()))
+	})
 }
+
+// classifier labels mirror requests for starling_registry_requests_total.
+func classifier(regs *upstream.Set, st *store.Store) func(*http.Request) metrics.RequestInfo {
+	return func(r *http.Request) metrics.RequestInfo {
+		info := metrics.RequestInfo{Registry: "other", Kind: "other", Cache: "none"}
+		if reg, ok := regs.Lookup(r.URL.Query().Get("ns")); ok {
+			info.Registry = reg.Host
+		}
+		route, err := registryproxy.ParseRoute(r.URL.Path)
+		if err != nil {
+			return info
+		}
+		switch route.Kind {
+		case registryproxy.KindBase:
+			info.Kind = "base"
+		case registryproxy.KindBlob:
+			info.Kind, info.Cache = "blob", "miss"
+			if st.Has(route.Ref) {
+				info.Cache = "hit"
+			}
+		case registryproxy.KindManifest:
+			info.Kind, info.Cache = "manifest", "tag"
+			if route.IsDigest() {
+				info.Cache = "miss"
+				if _, err := st.Manifest(route.Ref); err == nil {
+					info.Cache = "hit"
+				}
+			}
+		}
+		return info
+	}
+}
+
+// supernodeReachable is the readiness check of an agent with supernodes:
+// at least one of them answers a libp2p connection.
+func (a *Agent) supernodeReachable(cfg Config) func(context.Context) error {
+	return func(ctx context.Context) error {
+		var errs []error
+		for _, s := range cfg.Supernodes.Values {
+			ai, err := p2p.ParsePeerAddr(s)
+			if err != nil {
+				return err
+			}
+			if err := a.host.Connect(ctx, ai); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			return nil
+		}
+		return fmt.Errorf("no supernode reachable: %w", errors.Join(errs...))
+	}
+}
+
+// MetricsHandler serves /metrics, /livez and /readyz (the store is open;
+// with supernodes configured, one of them is reachable).
+func (a *Agent) MetricsHandler() http.Handler { return a.metrics.Handler(a.checks...) }
 
 // Handler is the mirror's HTTP handler.
 func (a *Agent) Handler() http.Handler { return a.mux }
@@ -263,14 +355,32 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
-	log.Info("mirror listening", zap.String("addr", ln.Addr().String()), zap.Strings("registries", cfg.Registries.Values),
-		zap.Strings("p2p", a.P2PAddrs()), zap.Strings("supernodes", cfg.Supernodes.Values))
-	if cfg.AddrFile != "" {
-		if err := addrfile.Write(cfg.AddrFile, addrfile.Addrs{Mirror: ln.Addr().String(), P2P: a.P2PAddrs()}); err != nil {
+	var mln net.Listener
+	if cfg.MetricsListen != "" {
+		if mln, err = net.Listen("tcp", cfg.MetricsListen); err != nil {
 			ln.Close()
+			return fmt.Errorf("metrics listen on %s: %w", cfg.MetricsListen, err)
+		}
+	}
+	addrs := addrfile.Addrs{Mirror: ln.Addr().String(), P2P: a.P2PAddrs()}
+	if mln != nil {
+		addrs.Metrics = mln.Addr().String()
+	}
+	log.Info("mirror listening", zap.String("addr", addrs.Mirror), zap.String("metrics", addrs.Metrics), zap.Strings("registries", cfg.Registries.Values),
+		zap.Strings("p2p", addrs.P2P), zap.Strings("supernodes", cfg.Supernodes.Values))
+	if cfg.AddrFile != "" {
+		if err := addrfile.Write(cfg.AddrFile, addrs); err != nil {
+			ln.Close()
+			if mln != nil {
+				mln.Close()
+			}
 			return err
 		}
 	}
-
-	return httpserve.Serve(ctx, ln, a.Handler(), 10*time.Second)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return httpserve.Serve(gctx, ln, a.Handler(), 10*time.Second) })
+	if mln != nil {
+		g.Go(func() error { return httpserve.Serve(gctx, mln, a.MetricsHandler(), time.Second) })
+	}
+	return g.Wait()
 }

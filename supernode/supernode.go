@@ -15,10 +15,12 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/host"
 	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/starling-oci/starling/pkg/addrfile"
 	"github.com/starling-oci/starling/pkg/config"
 	"github.com/starling-oci/starling/pkg/httpserve"
+	"github.com/starling-oci/starling/pkg/metrics"
 	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/piece"
 	"github.com/starling-oci/starling/pkg/pieceserver"
@@ -48,19 +50,26 @@ type Config struct {
 	LogLevel     string          `yaml:"log-level"`
 	AddrFile     string          `yaml:"addr-file"`
 	HTTPListen   string          `yaml:"http-listen"`
+	// MetricsListen serves /metrics, /livez and /readyz; empty = off.
+	MetricsListen string `yaml:"metrics-listen"`
 }
+
+// DefaultMetricsListen is the supernode's metrics address (a port apart
+// from the agent's, so both run on one host).
+const DefaultMetricsListen = ":9403"
 
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{
-		P2PListen:    config.Strings{Values: []string{"/ip4/0.0.0.0/tcp/4001"}},
-		DataDir:      "/var/lib/starling/supernode",
-		MaxUploads:   8,
-		PieceSize:    config.Bytes(piece.DefaultSize),
-		FetchTimeout: config.Duration(30 * time.Minute),
-		TagTTL:       config.Duration(time.Second),
-		AuthTTL:      config.Duration(5 * time.Minute),
-		LogLevel:     "info",
+		P2PListen:     config.Strings{Values: []string{"/ip4/0.0.0.0/tcp/4001"}},
+		DataDir:       "/var/lib/starling/supernode",
+		MaxUploads:    8,
+		PieceSize:     config.Bytes(piece.DefaultSize),
+		FetchTimeout:  config.Duration(30 * time.Minute),
+		TagTTL:        config.Duration(time.Second),
+		AuthTTL:       config.Duration(5 * time.Minute),
+		LogLevel:      "info",
+		MetricsListen: DefaultMetricsListen,
 	}
 }
 
@@ -82,6 +91,7 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&c.AddrFile, "addr-file", c.AddrFile, "write the dialable addresses as JSON to this file once listening")
 	fs.StringVar(&c.HTTPListen, "http-listen", c.HTTPListen, "address of the HTTP status server (/healthz, /metrics, /status); empty = none")
+	fs.StringVar(&c.MetricsListen, "metrics-listen", c.MetricsListen, "address of the metrics and health listener (/metrics, /livez, /readyz); empty = none")
 }
 
 // Validate checks the configuration.
@@ -103,6 +113,7 @@ func (c *Config) Validate() error {
 
 // Supernode is a running supernode.
 type Supernode struct {
+	metrics *metrics.Registry
 	host    host.Host
 	store   *store.Store
 	tracker *tracker.Tracker
@@ -123,7 +134,8 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 	if err != nil {
 		return nil, err
 	}
-	h, err := p2p.NewHost(p2p.Config{ListenAddrs: cfg.P2PListen.Values, IdentityFile: cfg.Identity, SwarmKeyFile: cfg.SwarmKey}, log.Named("p2p"))
+	m := metrics.New("supernode")
+	h, err := p2p.NewHost(p2p.Config{ListenAddrs: cfg.P2PListen.Values, IdentityFile: cfg.Identity, SwarmKeyFile: cfg.SwarmKey, Metrics: m.Registerer()}, log.Named("p2p"))
 	if err != nil {
 		st.Close()
 		return nil, err
@@ -136,7 +148,28 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 	ps.Register(h)
 	manifests.New(manifests.Config{TagTTL: time.Duration(cfg.TagTTL), AuthTTL: time.Duration(cfg.AuthTTL)},
 		regs, up, st, log.Named("manifests")).Register(h)
-	return &Supernode{host: h, store: st, tracker: tr, seed: sd, pieces: ps}, nil
+	s := &Supernode{metrics: m, host: h, store: st, tracker: tr, seed: sd, pieces: ps}
+	s.registerMetrics()
+	return s, nil
+}
+
+// registerMetrics registers the values read from the parts at scrape time.
+func (s *Supernode) registerMetrics() {
+	m := s.metrics
+	m.CounterFunc("seed_fetches_total", "Blob fetches from the upstream registry the seed started (one per blob this supernode owns, while it keeps it).", nil,
+		func() float64 { return float64(s.SeedFetches()) })
+	m.CounterFunc("seed_upstream_bytes_total", "Blob bytes the seed read from upstream registries (the supernode's share of registry egress).", nil,
+		func() float64 { return float64(s.seed.BytesFromUpstream()) })
+	m.CounterFunc("piece_bytes_served_total", "Piece bytes uploaded to agents.", nil, func() float64 { return float64(s.BytesServed()) })
+	m.GaugeFunc("tracked_blobs", "Blobs the tracker holds swarms for.", func() float64 { return float64(len(s.tracker.Status())) })
+	m.GaugeFunc("cache_used_bytes", "Bytes of complete blobs in the supernode's store.", func() float64 { return float64(s.store.Used()) })
+	m.CounterFunc("cache_evictions_total", "Blobs evicted from the store to keep it under --cache-size.", nil, func() float64 { return float64(s.store.Evictions()) })
+	m.GaugeFunc("peers_connected", "libp2p peers (agents and other supernodes) connected to the supernode.", func() float64 { return float64(len(s.host.Network().Peers())) })
+}
+
+// MetricsHandler serves /metrics, /livez and /readyz (the store is open).
+func (s *Supernode) MetricsHandler() http.Handler {
+	return s.metrics.Handler(metrics.Check{Name: "store", Check: func(context.Context) error { return s.store.Ready() }})
 }
 
 // Host is the supernode's libp2p host.
@@ -156,13 +189,7 @@ func (s *Supernode) BytesServed() int64 { return s.pieces.BytesServed() }
 func (s *Supernode) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
-	mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-		fmt.Fprintf(w, "# TYPE starling_seed_fetches_total counter\nstarling_seed_fetches_total %d\n", s.SeedFetches())
-		fmt.Fprintf(w, "# TYPE starling_piece_bytes_served_total counter\nstarling_piece_bytes_served_total %d\n", s.BytesServed())
-		fmt.Fprintf(w, "# TYPE starling_tracked_blobs gauge\nstarling_tracked_blobs %d\n", len(s.tracker.Status()))
-		fmt.Fprintf(w, "# TYPE starling_cache_used_bytes gauge\nstarling_cache_used_bytes %d\n", s.store.Used())
-	})
+	mux.Handle("/metrics", s.MetricsHandler())
 	mux.HandleFunc("/status", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(map[string]any{"peer_id": s.host.ID().String(), "addrs": s.Addrs(), "blobs": s.tracker.Status()})
@@ -184,22 +211,45 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 		return err
 	}
 	defer s.Close()
-	addrs := s.Addrs()
-	log.Info("supernode listening", zap.String("peer_id", s.host.ID().String()), zap.Strings("addrs", addrs),
-		zap.Strings("registries", cfg.Registries.Values))
+	addrs := addrfile.Addrs{P2P: s.Addrs()}
+	type server struct {
+		ln net.Listener
+		h  http.Handler
+	}
+	var servers []server
+	closeAll := func() {
+		for _, sv := range servers {
+			sv.ln.Close()
+		}
+	}
+	for _, l := range []struct {
+		addr  string
+		field *string
+		h     http.Handler
+	}{{cfg.HTTPListen, &addrs.HTTP, s.Handler()}, {cfg.MetricsListen, &addrs.Metrics, s.MetricsHandler()}} {
+		if l.addr == "" {
+			continue
+		}
+		ln, err := net.Listen("tcp", l.addr)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("listen on %s: %w", l.addr, err)
+		}
+		*l.field = ln.Addr().String()
+		servers = append(servers, server{ln, l.h})
+	}
+	log.Info("supernode listening", zap.String("peer_id", s.host.ID().String()), zap.Strings("addrs", addrs.P2P),
+		zap.String("http", addrs.HTTP), zap.String("metrics", addrs.Metrics), zap.Strings("registries", cfg.Registries.Values))
 	if cfg.AddrFile != "" {
-		if err := addrfile.Write(cfg.AddrFile, addrfile.Addrs{P2P: addrs}); err != nil {
+		if err := addrfile.Write(cfg.AddrFile, addrs); err != nil {
+			closeAll()
 			return err
 		}
 	}
-	if cfg.HTTPListen == "" {
-		<-ctx.Done()
-		return nil
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { <-gctx.Done(); return nil })
+	for _, sv := range servers {
+		g.Go(func() error { return httpserve.Serve(gctx, sv.ln, sv.h, 5*time.Second) })
 	}
-	ln, err := net.Listen("tcp", cfg.HTTPListen)
-	if err != nil {
-		return fmt.Errorf("listen on %s: %w", cfg.HTTPListen, err)
-	}
-	log.Info("status server listening", zap.String("addr", ln.Addr().String()))
-	return httpserve.Serve(ctx, ln, s.Handler(), 5*time.Second)
+	return g.Wait()
 }

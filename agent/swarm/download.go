@@ -116,7 +116,7 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 			now := d.s.clock.Now()
 			d.sched.SawData(time.Unix(0, d.lastData.Load()))
 			if d.sched.Stalled(now) {
-				return &errFallback{reason: "no piece completed in " + d.s.cfg.StallTimeout.String()}
+				return &errFallback{reason: "no piece completed in " + d.s.cfg.StallTimeout.String(), stalled: true}
 			}
 		case <-ctx.Done():
 			return ctx.Err()
@@ -297,6 +297,9 @@ func (d *download) finish(r result) error {
 		}
 	case errors.Is(r.err, pieceserver.ErrCorrupt):
 		d.sched.Done(now, r.f, Corrupt)
+		if d.s.cfg.OnCorrupt != nil {
+			d.s.cfg.OnCorrupt()
+		}
 		d.s.log.Warn("peer sent a corrupt piece; dropping it for this blob", zap.String("peer", r.f.From.String()),
 			zap.String("digest", d.req.Digest), zap.Int("piece", r.f.Piece), zap.Error(r.err))
 	case errors.Is(r.err, pieceserver.ErrBusy):

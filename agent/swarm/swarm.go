@@ -52,6 +52,11 @@ type Config struct {
 	Clock Clock
 	// Fetcher fetches pieces (nil: over the host, paced by Download).
 	Fetcher PieceFetcher
+	// OnFallback, if set, is called each time a blob goes back to the
+	// source, with one of metrics.FallbackReasons.
+	OnFallback func(reason string)
+	// OnCorrupt, if set, is called for each piece that failed its CID.
+	OnCorrupt func()
 }
 
 // Swarm implements blobcache.Filler.
@@ -126,6 +131,24 @@ func (s *Swarm) BytesFromSeed() int64 { return s.fromSeed.Load() }
 type errFallback struct {
 	reason      string
 	trackerLost bool // the owning supernode stopped answering
+	stalled     bool // no progress for StallTimeout
+}
+
+// kind is the metrics label of the fallback.
+func (e *errFallback) kind() string {
+	switch {
+	case e.trackerLost:
+		return "supernode_lost"
+	case e.stalled:
+		return "stalled"
+	}
+	return "swarm_error"
+}
+
+func (s *Swarm) fellBack(reason string) {
+	if s.cfg.OnFallback != nil {
+		s.cfg.OnFallback(reason)
+	}
 }
 
 func (e *errFallback) Error() string { return "back to source: " + e.reason }
@@ -143,8 +166,10 @@ func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started
 			// The seed was refused upstream: the client's own request will be
 			// refused the same way, with the right status, by the origin path.
 			s.log.Info("seed refused upstream; asking upstream with the client's credentials", zap.String("digest", req.Digest), zap.Error(err))
+			s.fellBack("seed_refused")
 		} else {
 			s.log.Warn("swarm unavailable, fetching from upstream", zap.String("digest", req.Digest), zap.Error(err))
+			s.fellBack("no_supernode")
 		}
 		return s.origin.Fill(ctx, req, started)
 	}
@@ -178,6 +203,7 @@ func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started
 				continue
 			}
 		}
+		s.fellBack(fb.kind())
 		s.log.Warn("swarm stalled, fetching missing pieces from upstream", zap.String("digest", req.Digest),
 			zap.String("reason", fb.reason), zap.Int("have", p.Have().Count()), zap.Int("of", piece.Count(p.Size(), p.PieceSize())))
 		err = s.origin.FetchPieces(ctx, req, p, d.cids)

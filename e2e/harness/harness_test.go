@@ -666,6 +666,7 @@ func fakeStarling(role string, args []string) int {
 	addrFile := fs.String("addr-file", "", "")
 	dataDir := fs.String("data-dir", "", "")
 	listen := fs.String("listen", "127.0.0.1:0", "")
+	fs.String("metrics-listen", "", "")
 	fs.String("supernode", "", "")
 	fail := fs.Bool("fail", false, "")
 	if err := fs.Parse(args); err != nil {

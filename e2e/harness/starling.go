@@ -114,6 +114,11 @@ func startNode(t testing.TB, role, bin string, userArgs []string) *Node {
 	if _, ok := flagValue(userArgs, "listen"); !ok && role == "agent" {
 		defaults = append(defaults, "--listen", "127.0.0.1:0")
 	}
+	// Both roles serve metrics on a fixed port by default, which several
+	// processes on one machine cannot share.
+	if _, ok := flagValue(userArgs, "metrics-listen"); !ok {
+		defaults = append(defaults, "--metrics-listen", "127.0.0.1:0")
+	}
 	n.args = slices.Concat([]string{role}, defaults, userArgs)
 	// t.TempDir names its directories 001, 002, ...: distinct names for
 	// the several agents of one test.
@@ -162,6 +167,25 @@ func (n *Node) Addrs() AddrFile {
 
 // MirrorAddr returns the host:port of the registry mirror.
 func (n *Node) MirrorAddr() string { return n.Addrs().Mirror }
+
+// MetricsURL returns the http:// URL of the metrics and health listener.
+func (n *Node) MetricsURL() string {
+	var a string
+	if raw, ok := n.Addrs().Raw["metrics"]; ok {
+		_ = json.Unmarshal(raw, &a)
+	}
+	return "http://" + a
+}
+
+// HTTPURL returns the http:// URL of a supernode's status and preheat API
+// (--http-listen).
+func (n *Node) HTTPURL() string {
+	var a string
+	if raw, ok := n.Addrs().Raw["http"]; ok {
+		_ = json.Unmarshal(raw, &a)
+	}
+	return "http://" + a
+}
 
 // MirrorURL returns http://MirrorAddr().
 func (n *Node) MirrorURL() string { return "http://" + n.MirrorAddr() }

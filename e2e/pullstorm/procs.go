@@ -340,6 +340,7 @@ func startSwarm(ctx context.Context, spec swarmSpec, procs *procSet) (*swarm, er
 	saddr := filepath.Join(sdir, "addrs.json")
 	sn, err := startChild("supernode", filepath.Join(sdir, "log"), spec.bin, "supernode",
 		"--p2p-listen", "/ip4/127.0.0.1/tcp/0",
+		"--metrics-listen", "127.0.0.1:0",
 		"--swarm-key", spec.swarmKey,
 		"--data-dir", filepath.Join(sdir, "data"),
 		"--registry", spec.registryURL,
@@ -368,6 +369,7 @@ func startSwarm(ctx context.Context, spec swarmSpec, procs *procSet) (*swarm, er
 		addrPaths[i] = filepath.Join(adir, "addrs.json")
 		a, err := startChild(fmt.Sprintf("agent-%02d", i), filepath.Join(adir, "log"), spec.bin, "agent",
 			"--listen", "127.0.0.1:0",
+			"--metrics-listen", "127.0.0.1:0",
 			"--data-dir", filepath.Join(adir, "data"),
 			"--registry", spec.registryURL,
 			"--supernode", sa.P2P[0],

@@ -11,8 +11,10 @@ import (
 
 // Addrs is the file's content.
 type Addrs struct {
-	Mirror string   `json:"mirror,omitempty"`
-	P2P    []string `json:"p2p,omitempty"`
+	Mirror  string   `json:"mirror,omitempty"`
+	P2P     []string `json:"p2p,omitempty"`
+	Metrics string   `json:"metrics,omitempty"` // the metrics and health listener
+	HTTP    string   `json:"http,omitempty"`    // the supernode's status and preheat API
 }
 
 // Write replaces path atomically, so a reader never sees half a file.

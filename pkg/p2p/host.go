@@ -18,6 +18,7 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 )
 
@@ -33,6 +34,10 @@ type Config struct {
 	// SwarmKeyFile holds the pre-shared key of the private network. Empty
 	// means an open network, fit only for development.
 	SwarmKeyFile string
+	// Metrics receives libp2p's own Prometheus metrics (connections,
+	// streams, resource manager, ...). Nil turns them off rather than
+	// letting libp2p use the global default registerer.
+	Metrics prometheus.Registerer
 }
 
 const (
@@ -87,6 +92,11 @@ func NewHost(cfg Config, log *zap.Logger) (host.Host, error) {
 		// AutoNAT probes reachability for relay and address advertising,
 		// which we do not use; fixing the answer stops its background loop.
 		libp2p.ForceReachabilityPublic(),
+	}
+	if cfg.Metrics != nil {
+		opts = append(opts, libp2p.PrometheusRegisterer(cfg.Metrics))
+	} else {
+		opts = append(opts, libp2p.DisableMetrics())
 	}
 	if psk != nil {
 		opts = append(opts, libp2p.PrivateNetwork(psk))

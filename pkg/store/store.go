@@ -18,6 +18,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -52,6 +53,7 @@ type Store struct {
 	partials map[string]*Partial // live partial blobs by digest
 	used     int64               // bytes of complete blobs
 	deleteMu sync.Mutex          // one Delete at a time: check, remove and count as one step
+	evicted  atomic.Int64        // blobs evicted to keep the quota (for metrics)
 }
 
 // blobMeta is the badger record of one blob.
@@ -345,8 +347,20 @@ func (s *Store) evict(keep string) {
 			s.log.Warn("evict blob", zap.String("digest", e.digest), zap.Error(err))
 			continue
 		}
+		s.evicted.Add(1)
 		s.log.Info("evicted blob", zap.String("digest", e.digest), zap.Int64("used", s.Used()), zap.Int64("quota", s.quota))
 	}
+}
+
+// Evictions counts blobs deleted to keep the quota since Open.
+func (s *Store) Evictions() int64 { return s.evicted.Load() }
+
+// Ready reports whether the store can serve: nil while its database is open.
+func (s *Store) Ready() error {
+	if s.db.IsClosed() {
+		return errors.New("store is closed")
+	}
+	return nil
 }
 
 // PutMetainfo records a blob's piece table (from the seed, or computed here).

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -47,6 +48,8 @@ type Seed struct {
 	closing chan struct{}
 	closed  sync.Once
 	fetches int // upstream fetches started, for tests and status
+
+	fromUpstream atomic.Int64 // blob bytes read from upstream (for metrics)
 }
 
 // New builds a Seed.
@@ -119,6 +122,22 @@ func (s *Seed) Fetches() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.fetches
+}
+
+// BytesFromUpstream returns blob bytes the seed read from upstream
+// registries: the supernode's share of registry egress.
+func (s *Seed) BytesFromUpstream() int64 { return s.fromUpstream.Load() }
+
+// countingReader adds what it reads to n.
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c countingReader) Read(b []byte) (int, error) {
+	k, err := c.r.Read(b)
+	c.n.Add(int64(k))
+	return k, err
 }
 
 // Close cancels running fetches and waits for them.
@@ -242,7 +261,7 @@ func (s *Seed) run(ctx context.Context, req swarmproto.TrackerRequest) (int64, e
 	}()
 
 	var cids []cid.Cid
-	err = p.Append(resp.Body, func(_ int, c cid.Cid) {
+	err = p.Append(countingReader{resp.Body, &s.fromUpstream}, func(_ int, c cid.Cid) {
 		cids = append(cids, c)
 		pendingMu.Lock()
 		pending = append(pending, c)
