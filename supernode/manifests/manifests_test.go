@@ -299,3 +299,30 @@ func TestDifferentCredentialsShareOneManifestGET(t *testing.T) {
 		t.Fatalf("%d HEADs, %d GETs; want 2 (one per credentials), 1", h, g)
 	}
 }
+
+// 10,000 agents asking for one tag at once (a rollout at the scale of the
+// simulator) cost the registry one HEAD and one GET.
+func TestTenThousandAskersOneUpstreamRequest(t *testing.T) {
+	reg := testregistry.New(t)
+	img := reg.Push(t, "app:v1", 1, 1024)
+	s, _ := newService(t, reg, Config{TagTTL: time.Second})
+	const n = 10_000
+	var wg sync.WaitGroup
+	var failed sync.Map
+	for i := range n {
+		wg.Go(func() {
+			ans, err := s.Resolve(context.Background(), &swarmproto.ManifestRequest{Registry: reg.Host(), Repo: "app", Ref: "v1"})
+			if err != nil || ans.Digest != digestOf(t, img) {
+				failed.Store(i, err)
+			}
+		})
+	}
+	wg.Wait()
+	failed.Range(func(k, v any) bool {
+		t.Errorf("asker %v: %v", k, v)
+		return false
+	})
+	if h, g := upstreamCounts(reg); h != 1 || g != 1 {
+		t.Fatalf("%d askers: %d HEADs, %d GETs; want 1, 1", n, h, g)
+	}
+}
