@@ -27,9 +27,10 @@ type Sched struct {
 	version         uint64
 
 	peers    map[peer.ID]*peerState
-	ids      []peer.ID   // peers in the order they were learned
-	holders  []int       // per piece: usable (not banned) peers holding it
-	inflight [][]peer.ID // per piece: peers it is being fetched from
+	byStr    map[string]*peerState // by encoded ID, so known peers are not decoded again
+	list     []*peerState          // peers in the order they were learned
+	holders  []int                 // per piece: usable (not banned) peers holding it
+	inflight [][]peer.ID           // per piece: peers it is being fetched from
 	running  int
 	order    []int // a random permutation: ties in rarity break randomly
 
@@ -54,6 +55,7 @@ type SchedConfig struct {
 }
 
 type peerState struct {
+	id       peer.ID
 	have     piece.Bitmap
 	seed     bool
 	inflight int
@@ -118,7 +120,7 @@ func NewSched(cfg SchedConfig, self peer.ID, size, pieceSize int64, rng *rand.Ra
 	}
 	return &Sched{
 		cfg: cfg, self: self, size: size, pieceSize: pieceSize, count: n,
-		peers: map[peer.ID]*peerState{}, holders: make([]int, n), inflight: make([][]peer.ID, n),
+		peers: map[peer.ID]*peerState{}, byStr: map[string]*peerState{}, holders: make([]int, n), inflight: make([][]peer.ID, n),
 		order: rng.Perm(n), progress: now,
 	}
 }
@@ -149,20 +151,23 @@ func (s *Sched) Tracker(now time.Time, resp *swarmproto.TrackerResponse) ([]Peer
 	}
 	var fresh []Peer
 	for _, info := range resp.Peers {
-		id, err := peer.Decode(info.ID)
-		if err != nil || id == s.self {
-			continue
-		}
 		have, err := piece.BitmapFromBytes(s.count, info.Have)
 		if err != nil {
 			continue
 		}
-		ps, ok := s.peers[id]
+		ps, ok := s.byStr[info.ID]
 		if !ok {
-			ps = &peerState{have: piece.NewBitmap(s.count)}
-			s.peers[id] = ps
-			s.ids = append(s.ids, id)
-			fresh = append(fresh, Peer{ID: id, Addrs: info.Addrs})
+			id, err := peer.Decode(info.ID)
+			if err != nil || id == s.self {
+				continue
+			}
+			if ps, ok = s.peers[id]; !ok {
+				ps = &peerState{id: id, have: piece.NewBitmap(s.count)}
+				s.peers[id] = ps
+				s.list = append(s.list, ps)
+				fresh = append(fresh, Peer{ID: id, Addrs: info.Addrs})
+			}
+			s.byStr[info.ID] = ps
 		}
 		ps.seed = info.Seed
 		s.setHave(ps, have)
@@ -299,8 +304,8 @@ func (s *Sched) peerFor(i int, now time.Time, exclude []peer.ID) (peer.ID, bool)
 	var best peer.ID
 	bestLoad := 1 << 30
 outer:
-	for _, id := range s.ids {
-		ps := s.peers[id]
+	for _, ps := range s.list {
+		id := ps.id
 		if ps.banned || ps.inflight >= s.cfg.PerPeer || now.Before(ps.cooldown) || !ps.have.Has(i) {
 			continue
 		}
@@ -335,7 +340,7 @@ func (s *Sched) Done(now time.Time, f Fetch, out Outcome) {
 		s.ban(ps)
 		s.report(ps, Failure{Peer: f.From, Piece: f.Piece, Corrupt: true})
 	case Busy:
-		ps.cooldown = now.Add(50 * time.Millisecond)
+		ps.cooldown = now.Add(1000 * time.Millisecond)
 	case Unavailable:
 		// A claimed piece that is not there is a stale announcement (or a
 		// lie): forget the claim, tell the tracker, and count it against

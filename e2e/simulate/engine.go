@@ -1,0 +1,173 @@
+package main
+
+import "math"
+
+// The discrete-event core: a clock in virtual nanoseconds, an event heap,
+// and a network of flows sharing port bandwidth.
+
+type event struct {
+	at  int64
+	seq uint64
+	fn  func()
+}
+
+// events is a binary min-heap ordered by time, then by insertion, so that
+// equal-time events run in the order they were scheduled (deterministic).
+type events []event
+
+func (h events) less(i, j int) bool {
+	return h[i].at < h[j].at || (h[i].at == h[j].at && h[i].seq < h[j].seq)
+}
+
+func (h *events) push(e event) {
+	*h = append(*h, e)
+	a := *h
+	for i := len(a) - 1; i > 0; {
+		p := (i - 1) / 2
+		if !a.less(i, p) {
+			break
+		}
+		a[i], a[p] = a[p], a[i]
+		i = p
+	}
+}
+
+func (h *events) pop() event {
+	a := *h
+	top := a[0]
+	last := len(a) - 1
+	a[0] = a[last]
+	a[last] = event{}
+	a = a[:last]
+	for i := 0; ; {
+		l, r, m := 2*i+1, 2*i+2, i
+		if l < len(a) && a.less(l, m) {
+			m = l
+		}
+		if r < len(a) && a.less(r, m) {
+			m = r
+		}
+		if m == i {
+			break
+		}
+		a[i], a[m] = a[m], a[i]
+		i = m
+	}
+	*h = a
+	return top
+}
+
+// port is one direction of a node's link: its capacity (bytes/s) is
+// shared equally by the flows through it.
+type port struct {
+	cap   float64
+	flows []*flow
+	moved float64 // bytes that have left (up ports) or arrived (down ports)
+}
+
+// unlimited stands for a link without a cap.
+const unlimited = 1e18
+
+func newPort(bytesPerSec int64) *port {
+	if bytesPerSec <= 0 {
+		return &port{cap: unlimited}
+	}
+	return &port{cap: float64(bytesPerSec)}
+}
+
+// flow is a transfer from one node's up port to another's down port. Its
+// rate is the smaller of its equal shares at both ends; it changes only
+// when a flow starts or ends at one of its two ports, so only the flows
+// touching those two ports are recomputed.
+type flow struct {
+	src, dst *port
+	size     float64
+	left     float64
+	rate     float64 // bytes/s
+	last     int64   // when left was last brought up to date
+	ver      uint32  // bumps on each rate change: stale completion events are ignored
+	si, di   int     // positions in src.flows and dst.flows
+	done     func()
+	fail     func()
+	over     bool
+}
+
+func (s *sim) startFlow(src, dst *port, bytes int64, done, fail func()) *flow {
+	f := &flow{src: src, dst: dst, size: float64(bytes), left: float64(bytes), last: s.now, done: done, fail: fail}
+	f.si = len(src.flows)
+	src.flows = append(src.flows, f)
+	f.di = len(dst.flows)
+	dst.flows = append(dst.flows, f)
+	s.reflow(src)
+	s.reflow(dst)
+	return f
+}
+
+func (s *sim) reflow(p *port) {
+	for _, f := range p.flows {
+		s.rerate(f)
+	}
+}
+
+func (s *sim) rerate(f *flow) {
+	f.left -= f.rate * float64(s.now-f.last) / 1e9
+	f.last = s.now
+	r := math.Min(f.src.cap/float64(len(f.src.flows)), f.dst.cap/float64(len(f.dst.flows)))
+	if r == f.rate {
+		return
+	}
+	f.rate = r
+	f.ver++
+	v := f.ver
+	eta := int64(math.Ceil(math.Max(f.left, 0) / r * 1e9))
+	s.after(eta, func() {
+		if f.ver == v && !f.over {
+			s.endFlow(f, true)
+		}
+	})
+}
+
+// endFlow takes f off its ports (completed or aborted) and calls its
+// callback.
+func (s *sim) endFlow(f *flow, completed bool) {
+	if f.over {
+		return
+	}
+	f.left -= f.rate * float64(s.now-f.last) / 1e9
+	f.over = true
+	moved := f.size
+	if !completed {
+		moved = f.size - math.Max(f.left, 0)
+	}
+	f.src.moved += moved
+	f.dst.moved += moved
+	detach(&f.src.flows, f.si, func(g *flow, i int) { g.si = i })
+	detach(&f.dst.flows, f.di, func(g *flow, i int) { g.di = i })
+	s.reflow(f.src)
+	s.reflow(f.dst)
+	if completed {
+		if f.done != nil {
+			f.done()
+		}
+	} else if f.fail != nil {
+		f.fail()
+	}
+}
+
+func detach(list *[]*flow, i int, moved func(*flow, int)) {
+	a := *list
+	last := len(a) - 1
+	if i != last {
+		a[i] = a[last]
+		moved(a[i], i)
+	}
+	a[last] = nil
+	*list = a[:last]
+}
+
+// abortAll ends every flow through p as failed.
+func (s *sim) abortAll(p *port) {
+	for len(p.flows) > 0 {
+		s.endFlow(p.flows[len(p.flows)-1], false)
+	}
+}

@@ -1,0 +1,117 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// smallStorm is a storm small enough to simulate in-process under -race.
+func smallStorm() Config {
+	return Config{
+		Nodes: 40, Size: 32 << 20, Layers: 4, PieceSize: 1 << 20,
+		AgentBW: 10 << 20, SeedBW: 20 << 20, RegistryBW: 10 << 20, Latency: time.Millisecond,
+		Supernodes: 1, Cores: 1, TrackerCost: 20 * time.Microsecond, Seed: 7,
+		MaxInflight: 8, PerPeer: 2, AgentUploads: 4, SeedUploads: 8, StallTimeout: 15 * time.Second,
+		ClientBlobs: 3, QueueMax: -1, Limit: 10 * time.Minute,
+	}
+}
+
+// With a fixed tracker cost the simulation is a function of its seed: the
+// scheduler and the tracker take time and randomness only as inputs.
+func TestSimulationIsDeterministic(t *testing.T) {
+	a, err := simulate(context.Background(), smallStorm())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := simulate(context.Background(), smallStorm())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Completed != a.Nodes {
+		t.Fatalf("%d of %d nodes completed", a.Completed, a.Nodes)
+	}
+	if !slices.Equal(a.completions, b.completions) || a.Events != b.Events || a.TrackerRequests != b.TrackerRequests {
+		t.Fatalf("two runs with one seed differ: %d vs %d events, %d vs %d tracker requests, max %v vs %v",
+			a.Events, b.Events, a.TrackerRequests, b.TrackerRequests, a.CompletionS.Max, b.CompletionS.Max)
+	}
+	cfg := smallStorm()
+	cfg.Seed++
+	c, err := simulate(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if slices.Equal(a.completions, c.completions) {
+		t.Fatal("another seed gave the very same storm: the seed is not used")
+	}
+}
+
+// A node that leaves mid-storm must not stop the others: every remaining
+// agent completes, none goes to the registry.
+func TestChurnEveryRemainingAgentCompletes(t *testing.T) {
+	cfg := smallStorm()
+	cfg.Churn = 0.2
+	r, err := simulate(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Left != 8 || r.Completed != cfg.Nodes-r.Left || r.Incomplete != 0 {
+		t.Fatalf("left %d, completed %d, incomplete %d of %d", r.Left, r.Completed, r.Incomplete, cfg.Nodes)
+	}
+	if r.Fallbacks != 0 || r.UpstreamEgressRatio > 1.01 {
+		t.Fatalf("fallbacks %d, upstream egress %.3f: churn sent agents to the registry", r.Fallbacks, r.UpstreamEgressRatio)
+	}
+}
+
+// TestThousandNodeStorm runs the simulator binary (built without -race:
+// this measures the swarm, not the detector) on the scenario at
+// 1,000 nodes and checks its targets.
+func TestThousandNodeStorm(t *testing.T) {
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "simulate")
+	build := exec.CommandContext(t.Context(), "go", "build", "-o", bin, ".")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	jsonPath := filepath.Join(dir, "sim.json")
+	start := time.Now()
+	cmd := exec.CommandContext(t.Context(), bin, "-nodes", "1000", "-size", "1GiB", "-layers", "4", "-piece-size", "4MiB",
+		"-agent-bw", "100MiB", "-seed-bw", "200MiB", "-registry-bw", "100MiB", "-latency", "1ms", "-supernodes", "1",
+		"-seed", "1", "-json", jsonPath)
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("simulate: %v\n%s\n%s", err, stdout.String(), stderr.String())
+	}
+	t.Logf("simulated 1,000 nodes in %v:\n%s", time.Since(start).Round(time.Millisecond), stdout.String())
+	raw, err := os.ReadFile(jsonPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r Result
+	if err := json.Unmarshal(raw, &r); err != nil {
+		t.Fatal(err)
+	}
+	if r.Nodes != 1000 || r.Completed != 1000 || r.Incomplete != 0 {
+		t.Errorf("completed %d of %d (incomplete %d)", r.Completed, r.Nodes, r.Incomplete)
+	}
+	if r.Fallbacks != 0 {
+		t.Errorf("fallbacks %d, want 0", r.Fallbacks)
+	}
+	if r.UpstreamEgressRatio > 1.01 {
+		t.Errorf("upstream_egress_ratio %.4f > 1.01", r.UpstreamEgressRatio)
+	}
+	if r.SeedEgressRatio > 1.5 {
+		t.Errorf("seed_egress_ratio %.3f > 1.5", r.SeedEgressRatio)
+	}
+	if r.TMinS <= 0 || r.RatioToTMin <= 0 || r.TrackerRequests <= 0 || r.TrackerCPUS <= 0 {
+		t.Errorf("t_min_s %v, ratio_to_t_min %v, tracker_requests %d, tracker_cpu_s %v: want all > 0",
+			r.TMinS, r.RatioToTMin, r.TrackerRequests, r.TrackerCPUS)
+	}
+}
