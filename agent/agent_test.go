@@ -559,3 +559,31 @@ func TestHeadOfTagCachesTheManifest(t *testing.T) {
 		t.Fatalf("GET of the tag with upstream down: %d, body hashes to sha256:%x, want 200 and %s", resp.StatusCode, sum, want)
 	}
 }
+
+// TestUnreachableUpstreamCauseInOCIError: a registry named without a scheme
+// (HTTPS) that speaks plain HTTP. The client's error says why, for
+// manifests and blobs alike, without internal details.
+func TestUnreachableUpstreamCauseInOCIError(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 1, 1024)
+	layer := must(must(img.Layers())[0].Digest())
+	mirror := startAgent(t, func(c *agent.Config) { c.AuthTTL = -1 }, strings.TrimPrefix(up.URL(), "http://"))
+	for _, path := range []string{"/v2/app/manifests/v1", "/v2/app/blobs/" + layer.String()} {
+		resp, err := http.Get(mirror.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var body struct {
+			Errors []struct{ Code, Message string } `json:"errors"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&body)
+		resp.Body.Close()
+		if err != nil || len(body.Errors) != 1 {
+			t.Fatalf("GET %s: %d, no OCI error body: %v", path, resp.StatusCode, err)
+		}
+		const cause = "server gave HTTP response to HTTPS client"
+		if msg := body.Errors[0].Message; resp.StatusCode != http.StatusBadGateway || !strings.Contains(msg, cause) || strings.Contains(msg, "/v2/") {
+			t.Errorf("GET %s: %d %q, want 502 naming the cause %q and no URL path", path, resp.StatusCode, msg, cause)
+		}
+	}
+}

@@ -140,7 +140,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		reply := err
 		var oe *ocierr.Error
 		if !errors.As(err, &oe) && errors.Is(err, upstream.ErrUnreachable) {
-			reply = ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "upstream unreachable")
+			reply = unreachable(err)
 		}
 		ocierr.Write(sw, r, reply)
 	}
@@ -406,6 +406,13 @@ func (p *Proxy) serveStaleTag(w http.ResponseWriter, r *http.Request, reg upstre
 	return true
 }
 
+// unreachable is the 502 for an upstream that gave no answer: it names the
+// cause class (plain HTTP, untrusted certificate, DNS, refused, ...) and
+// nothing internal; the full error is in the agent's log.
+func unreachable(err error) error {
+	return ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "upstream unreachable: %s", upstream.Cause(err))
+}
+
 func writeManifest(w http.ResponseWriter, r *http.Request, digest string, m store.Manifest) error {
 	h := w.Header()
 	if m.MediaType != "" {
@@ -436,6 +443,9 @@ func (p *Proxy) authorize(ctx context.Context, reg upstream.Registry, route Rout
 		if errors.As(err, &oe) {
 			return err
 		}
+		if errors.Is(err, upstream.ErrUnreachable) {
+			return unreachable(err)
+		}
 		return ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "check access upstream: %v", err)
 	}
 	resp.Body.Close()
@@ -461,7 +471,7 @@ func (p *Proxy) serveBlob(w http.ResponseWriter, r *http.Request, reg upstream.R
 			return err
 		}
 		if errors.Is(err, upstream.ErrUnreachable) {
-			return ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "upstream %s unreachable", reg.Host)
+			return unreachable(err)
 		}
 		if r.Context().Err() != nil {
 			return ocierr.New(499, ocierr.Unknown, "client went away")

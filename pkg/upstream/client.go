@@ -126,7 +126,12 @@ func (c *Client) Do(ctx context.Context, req Request) (*http.Response, error) {
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("%s %s/%s: %w", req.Method, req.Registry.Host, req.Repo, ctx.Err())
 		}
-		return nil, fmt.Errorf("%s %s/%s/%s: %w: %v", req.Method, req.Registry.Host, req.Repo, req.Path, ErrUnreachable, redact(err))
+		cause := Cause(err)
+		c.log.Warn("upstream unreachable", zap.String("method", req.Method), zap.String("registry", req.Registry.Host),
+			zap.String("endpoint", req.Registry.Endpoint.String()), zap.String("repo", req.Repo), zap.String("path", req.Path),
+			zap.String("cause", cause), zap.String("hint", hint(req.Registry, cause)), zap.String("error", redact(err)),
+			zap.Duration("elapsed", time.Since(start)))
+		return nil, fmt.Errorf("%s %s/%s/%s: %w: %w", req.Method, req.Registry.Host, req.Repo, req.Path, ErrUnreachable, causeError{cause, redact(err)})
 	}
 	c.log.Debug("upstream request", zap.String("method", req.Method), zap.String("registry", req.Registry.Host),
 		zap.String("repo", req.Repo), zap.String("path", req.Path), zap.Int("status", resp.StatusCode),
@@ -136,7 +141,13 @@ func (c *Client) Do(ctx context.Context, req Request) (*http.Response, error) {
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	return nil, ocierr.FromResponse(resp, body)
+	oe := ocierr.FromResponse(resp, body)
+	if resp.StatusCode >= 500 {
+		c.log.Warn("upstream failed", zap.String("method", req.Method), zap.String("registry", req.Registry.Host),
+			zap.String("repo", req.Repo), zap.String("path", req.Path), zap.String("cause", Cause(oe)),
+			zap.String("message", oe.Message), zap.Duration("elapsed", time.Since(start)))
+	}
+	return nil, oe
 }
 
 // keychainTransport returns a transport that authenticates with the
