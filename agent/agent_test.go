@@ -569,7 +569,12 @@ func TestUnreachableUpstreamCauseInOCIError(t *testing.T) {
 	layer := must(must(img.Layers())[0].Digest())
 	mirror := startAgent(t, func(c *agent.Config) { c.AuthTTL = -1 }, strings.TrimPrefix(up.URL(), "http://"))
 	for _, path := range []string{"/v2/app/manifests/v1", "/v2/app/blobs/" + layer.String()} {
-		resp, err := http.Get(mirror.URL + path)
+		// With credentials of its own, the client's request goes upstream as
+		// configured (the anonymous token flow may find plain HTTP by itself
+		// on loopback).
+		req, _ := http.NewRequest(http.MethodGet, mirror.URL+path, nil)
+		req.Header.Set("Authorization", "Basic dXNlcjpwYXNz")
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
