@@ -19,6 +19,7 @@ import (
 
 	"github.com/starling-oci/starling/agent"
 	"github.com/starling-oci/starling/pkg/config"
+	"github.com/starling-oci/starling/pkg/nodeconfig"
 	"github.com/starling-oci/starling/supernode"
 )
 
@@ -37,6 +38,14 @@ var commands = []command{
 			return flagSet(t, "agent", &cfg, cfg.BindFlags)
 		},
 		cfg: func() any { c := agent.DefaultConfig(); return &c },
+	},
+	{
+		name: "configure",
+		flags: func(t *testing.T) *flag.FlagSet {
+			cfg := nodeconfig.DefaultConfig()
+			return flagSet(t, "configure", &cfg, cfg.BindFlags)
+		},
+		cfg: func() any { c := nodeconfig.DefaultConfig(); return &c },
 	},
 	{
 		name: "supernode",

@@ -17,6 +17,7 @@ import (
 	"github.com/starling-oci/starling/agent"
 	"github.com/starling-oci/starling/pkg/config"
 	"github.com/starling-oci/starling/pkg/logging"
+	"github.com/starling-oci/starling/pkg/nodeconfig"
 	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/version"
 	"github.com/starling-oci/starling/supernode"
@@ -27,6 +28,7 @@ const usage = `starling: P2P container image distribution
 Usage:
   starling agent [flags]       run the node agent (registry mirror + swarm peer)
   starling supernode [flags]   run a supernode (tracker + seed)
+  starling configure [flags]   point the node's container runtime at its agent
   starling swarm-key           print a new pre-shared swarm key
   starling id FILE             print the peer ID of an identity file, creating it if absent
   starling version             print the version, commit and Go version
@@ -59,6 +61,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runAgent(ctx, rest, stderr)
 	case "supernode":
 		return runSupernode(ctx, rest, stderr)
+	case "configure":
+		return runConfigure(rest, stdout, stderr)
 	case "swarm-key":
 		if len(rest) != 0 {
 			return errors.New("usage: starling swarm-key > swarm.key")
@@ -95,6 +99,22 @@ func runSupernode(ctx context.Context, args []string, stderr io.Writer) error {
 	cfg := supernode.DefaultConfig()
 	return runDaemon(ctx, "starling supernode", args, stderr, &cfg, cfg.BindFlags, func() string { return cfg.LogLevel },
 		func(log *zap.Logger) error { return supernode.Run(ctx, cfg, log) })
+}
+
+// runConfigure writes (or removes) the runtime configuration and prints
+// what it did.
+func runConfigure(args []string, stdout, stderr io.Writer) error {
+	cfg := nodeconfig.DefaultConfig()
+	fs := flag.NewFlagSet("starling configure", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	if err := config.LoadEnv(fs, args, os.LookupEnv, &cfg, cfg.BindFlags); err != nil {
+		return err
+	}
+	report, err := nodeconfig.Apply(cfg)
+	for _, line := range report {
+		fmt.Fprintln(stdout, line)
+	}
+	return err
 }
 
 // runDaemon loads a long-running command's settings (defaults, YAML,

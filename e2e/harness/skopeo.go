@@ -38,6 +38,20 @@ const insecureAcceptAnything = `{"default":[{"type":"insecureAcceptAnything"}]}`
 // aliases there.
 func SkopeoCopy(t testing.TB, src, dst, registriesConf string, extraArgs ...string) error {
 	t.Helper()
+	return skopeoCopy(t, src, dst, registriesConf, "", extraArgs...)
+}
+
+// SkopeoCopyWithDropIn is SkopeoCopy with an empty registries.conf and the
+// file dropIn copied into the hermetic user's
+// ~/.config/containers/registries.conf.d, where containers/image reads
+// drop-ins as it does from /etc/containers/registries.conf.d.
+func SkopeoCopyWithDropIn(t testing.TB, src, dst, dropIn string, extraArgs ...string) error {
+	t.Helper()
+	return skopeoCopy(t, src, dst, "", dropIn, extraArgs...)
+}
+
+func skopeoCopy(t testing.TB, src, dst, registriesConf, dropIn string, extraArgs ...string) error {
+	t.Helper()
 	RequireTool(t, "skopeo")
 	home := t.TempDir()
 	dirs := map[string]string{
@@ -49,6 +63,15 @@ func SkopeoCopy(t testing.TB, src, dst, registriesConf string, extraArgs ...stri
 	for _, d := range dirs {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return fmt.Errorf("skopeo copy: %w", err)
+		}
+	}
+	if dropIn != "" {
+		b, err := os.ReadFile(dropIn)
+		if err != nil {
+			return fmt.Errorf("skopeo copy: read drop-in: %w", err)
+		}
+		if err := os.WriteFile(filepath.Join(dirs["userconfd"], filepath.Base(dropIn)), b, 0o600); err != nil {
+			return fmt.Errorf("skopeo copy: write drop-in: %w", err)
 		}
 	}
 	policy := filepath.Join(home, "policy.json")
