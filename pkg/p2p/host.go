@@ -62,6 +62,7 @@ func NewHost(cfg Config, log *zap.Logger) (host.Host, error) {
 	)
 	if cfg.IdentityFile != "" {
 		key, err = LoadOrCreateIdentity(cfg.IdentityFile)
+		warnIfReadable(log, cfg.IdentityFile, "identity")
 	} else {
 		key, _, err = crypto.GenerateEd25519Key(rand.Reader)
 	}
@@ -73,6 +74,7 @@ func NewHost(cfg Config, log *zap.Logger) (host.Host, error) {
 		if psk, err = LoadSwarmKey(cfg.SwarmKeyFile); err != nil {
 			return nil, fmt.Errorf("new host: %w", err)
 		}
+		warnIfReadable(log, cfg.SwarmKeyFile, "swarm key")
 	}
 	addrs, err := listenAddrs(cfg.ListenAddrs, psk != nil)
 	if err != nil {

@@ -38,7 +38,7 @@ func loadIdentity(path string) (crypto.PrivKey, error) {
 	}
 	key, err := crypto.UnmarshalPrivateKey(b)
 	if err != nil {
-		return nil, fmt.Errorf("decode identity %s: %w", path, err)
+		return nil, explainIdentity(path, b, err)
 	}
 	return key, nil
 }
