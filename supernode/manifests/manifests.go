@@ -154,17 +154,14 @@ func (s *Service) Resolve(ctx context.Context, req *swarmproto.ManifestRequest) 
 func (s *Service) byTag(ctx context.Context, reg upstream.Registry, repo, tag, authz string) (*Answer, error) {
 	cred := credKey(authz)
 	key := tagKey(reg.Host, repo, tag, cred)
-	if s.cfg.TagTTL > 0 {
-		s.mu.Lock()
-		e, ok := s.tags[key]
-		s.mu.Unlock()
-		if ok && s.cfg.Now().Sub(e.at) < s.cfg.TagTTL && s.granted(grantKey(reg.Host, repo, e.digest, cred), s.cfg.AuthTTL) {
-			if m, err := s.cache.Manifest(e.digest); err == nil {
-				return &Answer{Digest: e.digest, Manifest: m}, nil
-			}
-		}
+	if ans := s.freshTag(reg, repo, key, cred); ans != nil {
+		return ans, nil
 	}
 	ans, err := s.shared(ctx, "tag\x00"+key, func(ctx context.Context) (*Answer, error) {
+		// A flight that ended since the check above may have resolved it.
+		if ans := s.freshTag(reg, repo, key, cred); ans != nil {
+			return ans, nil
+		}
 		return s.resolveTag(ctx, reg, repo, tag, authz)
 	})
 	if err != nil && upstream.IsUnavailable(err) {
@@ -175,6 +172,25 @@ func (s *Service) byTag(ctx context.Context, reg upstream.Registry, repo, tag, a
 		}
 	}
 	return ans, err
+}
+
+// freshTag answers a tag from its resolution within TagTTL, for
+// credentials upstream accepted within AuthTTL; nil if there is none.
+func (s *Service) freshTag(reg upstream.Registry, repo, key, cred string) *Answer {
+	if s.cfg.TagTTL <= 0 {
+		return nil
+	}
+	s.mu.Lock()
+	e, ok := s.tags[key]
+	s.mu.Unlock()
+	if !ok || s.cfg.Now().Sub(e.at) >= s.cfg.TagTTL || !s.granted(grantKey(reg.Host, repo, e.digest, cred), s.cfg.AuthTTL) {
+		return nil
+	}
+	m, err := s.cache.Manifest(e.digest)
+	if err != nil {
+		return nil
+	}
+	return &Answer{Digest: e.digest, Manifest: m}
 }
 
 // shared runs fn once for all concurrent callers with the same key, on a
@@ -289,6 +305,10 @@ func (s *Service) byDigest(ctx context.Context, reg upstream.Registry, repo, dig
 	m, cerr := s.cache.Manifest(digest)
 	if cerr != nil {
 		ans, err := s.shared(ctx, "get\x00"+gkey, func(ctx context.Context) (*Answer, error) {
+			// A flight that ended since the check above may have fetched it.
+			if m, err := s.cache.Manifest(digest); err == nil && s.granted(gkey, s.cfg.AuthTTL) {
+				return &Answer{Digest: digest, Manifest: m}, nil
+			}
 			ans, err := s.fetch(ctx, reg, repo, digest, authz)
 			if err == nil {
 				s.grant(gkey)
