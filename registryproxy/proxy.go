@@ -20,6 +20,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/starling-oci/starling/pkg/access"
 	"github.com/starling-oci/starling/pkg/ocierr"
 	"github.com/starling-oci/starling/pkg/store"
 	"github.com/starling-oci/starling/pkg/upstream"
@@ -100,10 +101,10 @@ type Config struct {
 	// Source, when set, is asked for tags and uncached manifests before
 	// upstream.
 	Source ManifestSource
-	// AuthTTL is how long a client's successful upstream access to a
-	// repository lets it read cached content without asking upstream again.
-	// Negative disables the check (anyone who reaches the mirror may read
-	// anything it has cached).
+	// AuthTTL is how long upstream's answer that a client's credentials
+	// may read a digest in a repository lets it read that cached content
+	// without asking upstream again. Negative disables the check (anyone
+	// who reaches the mirror may read anything it has cached).
 	AuthTTL time.Duration
 	// Prefetch starts fetching an image's config and layers as soon as its
 	// manifest goes through, instead of when the client asks for each one
@@ -116,7 +117,7 @@ type Config struct {
 // Proxy is the mirror's HTTP handler.
 type Proxy struct {
 	cfg    Config
-	access *accessCache
+	access *access.Checker
 	log    *zap.Logger
 }
 
@@ -129,7 +130,7 @@ func New(cfg Config) *Proxy {
 	if now == nil {
 		now = time.Now
 	}
-	return &Proxy{cfg: cfg, access: newAccessCache(cfg.AuthTTL, now), log: cfg.Log}
+	return &Proxy{cfg: cfg, access: access.New(cfg.Upstream, cfg.AuthTTL, now), log: cfg.Log}
 }
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -184,10 +185,11 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request) error {
 
 func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstream.Registry, route Route) error {
 	authz := r.Header.Get("Authorization")
-	key := accessKey(reg.Host, route.Repo, authz)
 	if route.IsDigest() {
 		if m, err := p.cfg.Manifests.Manifest(route.Ref); err == nil {
-			if err := p.authorize(r.Context(), reg, route, "manifests/"+route.Ref, key, authz); err != nil {
+			// Cached by digest alone: served only if upstream gives this
+			// digest in this repository to these credentials.
+			if err := p.access.CheckManifest(r.Context(), reg, route.Repo, route.Ref, authz, m.Body); err != nil {
 				return err
 			}
 			if p.cfg.Prefetch && r.Method == http.MethodGet {
@@ -196,7 +198,7 @@ func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstre
 			return writeManifest(w, r, route.Ref, m)
 		}
 	}
-	if p.cfg.Source != nil && p.serveFromSource(w, r, reg, route, key, authz) {
+	if p.cfg.Source != nil && p.serveFromSource(w, r, reg, route, authz) {
 		return nil
 	}
 	hdr := http.Header{}
@@ -209,17 +211,25 @@ func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstre
 	})
 	if err != nil {
 		if !route.IsDigest() && upstream.IsUnavailable(err) {
-			if served := p.serveStaleTag(w, r, reg, route, key, err); served {
+			if served := p.serveStaleTag(w, r, reg, route, authz, err); served {
 				return nil
 			}
 		}
 		return err
 	}
 	defer resp.Body.Close()
-	p.access.allow(key)
 	if r.Method == http.MethodHead {
 		if !route.IsDigest() {
 			p.rememberHeadTag(r.Context(), reg, route, authz, hdr, resp.Header.Get("Docker-Content-Digest"))
+		}
+		if d := resp.Header.Get("Docker-Content-Digest"); sha256Pattern.MatchString(d) && (!route.IsDigest() || d == route.Ref) {
+			// Upstream just gave this digest to these credentials; a
+			// cached body (verified by its digest) grants what it names.
+			if m, err := p.cfg.Manifests.Manifest(d); err == nil {
+				p.access.AllowManifest(reg.Host, route.Repo, d, authz, m.Body)
+			} else {
+				p.access.Allow(reg.Host, route.Repo, d, authz)
+			}
 		}
 		for _, h := range []string{"Content-Type", "Content-Length", "Docker-Content-Digest"} {
 			if v := resp.Header.Get(h); v != "" {
@@ -233,6 +243,7 @@ func (p *Proxy) serveManifest(w http.ResponseWriter, r *http.Request, reg upstre
 	if err != nil {
 		return err
 	}
+	p.access.AllowManifest(reg.Host, route.Repo, digest, authz, m.Body)
 	if p.cfg.Prefetch {
 		p.prefetch(reg, route.Repo, authz, m)
 	}
@@ -305,7 +316,7 @@ func (p *Proxy) rememberHeadTag(ctx context.Context, reg upstream.Registry, rout
 // returns false, having written nothing, when the source cannot answer or
 // its answer is of a type the client does not accept; the caller then asks
 // upstream, as it would without a source.
-func (p *Proxy) serveFromSource(w http.ResponseWriter, r *http.Request, reg upstream.Registry, route Route, key, authz string) bool {
+func (p *Proxy) serveFromSource(w http.ResponseWriter, r *http.Request, reg upstream.Registry, route Route, authz string) bool {
 	ans, err := p.cfg.Source.Manifest(r.Context(), ManifestRequest{Registry: reg, Repo: route.Repo, Ref: route.Ref, Authorization: authz})
 	if err != nil {
 		p.log.Debug("manifest source did not answer; asking upstream", zap.String("registry", reg.Host),
@@ -318,7 +329,7 @@ func (p *Proxy) serveFromSource(w http.ResponseWriter, r *http.Request, reg upst
 		return false
 	}
 	// The source had upstream accept these credentials for this manifest.
-	p.access.allow(key)
+	p.access.AllowManifest(reg.Host, route.Repo, ans.Digest, authz, ans.Manifest.Body)
 	if ans.Stale {
 		p.log.Warn("upstream unavailable: serving tag as the cluster last resolved it", zap.String("registry", reg.Host),
 			zap.String("repo", route.Repo), zap.String("tag", route.Ref), zap.String("digest", ans.Digest))
@@ -391,13 +402,13 @@ func (p *Proxy) prefetch(reg upstream.Registry, repo, authz string, m store.Mani
 
 // serveStaleTag answers a tag from cache while the upstream is down, for a
 // client that upstream let read the repository before.
-func (p *Proxy) serveStaleTag(w http.ResponseWriter, r *http.Request, reg upstream.Registry, route Route, key string, cause error) bool {
+func (p *Proxy) serveStaleTag(w http.ResponseWriter, r *http.Request, reg upstream.Registry, route Route, authz string, cause error) bool {
 	digest, err := p.cfg.Manifests.Tag(reg.Host, route.Repo, route.Ref)
 	if err != nil {
 		return false
 	}
 	m, err := p.cfg.Manifests.Manifest(digest)
-	if err != nil || (p.cfg.AuthTTL >= 0 && !p.access.allowedStale(key)) {
+	if err != nil || !p.access.AllowedStale(reg.Host, route.Repo, digest, authz) {
 		return false
 	}
 	p.log.Warn("upstream unavailable: serving tag from cache", zap.String("registry", reg.Host),
@@ -427,35 +438,12 @@ func writeManifest(w http.ResponseWriter, r *http.Request, digest string, m stor
 	return nil
 }
 
-// authorize lets a request read cached content only if upstream let this
-// client (same Authorization) read the repository recently; otherwise it
-// asks upstream with a HEAD of the same object.
-func (p *Proxy) authorize(ctx context.Context, reg upstream.Registry, route Route, path, key, authz string) error {
-	if p.cfg.AuthTTL < 0 || p.access.allowed(key) {
-		return nil
-	}
-	resp, err := p.cfg.Upstream.Do(ctx, upstream.Request{Registry: reg, Repo: route.Repo, Method: http.MethodHead, Path: path, Authorization: authz})
-	if err != nil {
-		if upstream.IsUnavailable(err) && p.access.allowedStale(key) {
-			return nil
-		}
-		var oe *ocierr.Error
-		if errors.As(err, &oe) {
-			return err
-		}
-		if errors.Is(err, upstream.ErrUnreachable) {
-			return unreachable(err)
-		}
-		return ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "check access upstream: %v", err)
-	}
-	resp.Body.Close()
-	p.access.allow(key)
-	return nil
-}
-
 func (p *Proxy) serveBlob(w http.ResponseWriter, r *http.Request, reg upstream.Registry, route Route) error {
 	authz := r.Header.Get("Authorization")
-	if err := p.authorize(r.Context(), reg, route, "blobs/"+route.Ref, accessKey(reg.Host, route.Repo, authz), authz); err != nil {
+	// Blobs are stored and shared by digest alone: this digest is served
+	// (from the cache, the swarm or upstream) only if upstream gives it in
+	// this repository to these credentials.
+	if err := p.access.Check(r.Context(), reg, route.Repo, access.Blob, route.Ref, authz); err != nil {
 		return err
 	}
 	if r.Method == http.MethodHead {

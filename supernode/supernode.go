@@ -17,10 +17,12 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/starling-oci/starling/pkg/access"
 	"github.com/starling-oci/starling/pkg/addrfile"
 	"github.com/starling-oci/starling/pkg/config"
 	"github.com/starling-oci/starling/pkg/httpserve"
 	"github.com/starling-oci/starling/pkg/metrics"
+	"github.com/starling-oci/starling/pkg/ocierr"
 	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/piece"
 	"github.com/starling-oci/starling/pkg/pieceserver"
@@ -87,7 +89,7 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.Var(&c.CacheSize, "cache-size", "disk quota for seeded blobs (0 = no limit)")
 	fs.Var(&c.FetchTimeout, "fetch-timeout", "upper bound on one upstream blob fetch")
 	fs.Var(&c.TagTTL, "tag-ttl", "how long a tag's resolution upstream answers every agent (0 = each request goes upstream)")
-	fs.Var(&c.AuthTTL, "auth-ttl", "how long upstream's answer to a client's credentials for a manifest is reused before they are checked again")
+	fs.Var(&c.AuthTTL, "auth-ttl", "how long upstream's answer that a client's credentials may read a manifest or blob in a repository is reused before it is asked again")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&c.AddrFile, "addr-file", c.AddrFile, "write the dialable addresses as JSON to this file once listening")
 	fs.StringVar(&c.HTTPListen, "http-listen", c.HTTPListen, "address of the HTTP status server (/healthz, /metrics, /status); empty = none")
@@ -141,6 +143,7 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 		return nil, err
 	}
 	tr := tracker.New(tracker.Config{}, h, log.Named("tracker"))
+	tr.SetAuthorizer(authorizer(regs, access.New(up, time.Duration(cfg.AuthTTL), nil)))
 	sd := seed.New(st, up, regs, tr, int64(cfg.PieceSize), time.Duration(cfg.FetchTimeout), log.Named("seed"))
 	tr.SetSeeder(sd)
 	tr.Register()
@@ -170,6 +173,19 @@ func (s *Supernode) registerMetrics() {
 // MetricsHandler serves /metrics, /livez and /readyz (the store is open).
 func (s *Supernode) MetricsHandler() http.Handler {
 	return s.metrics.Handler(metrics.Check{Name: "store", Check: func(context.Context) error { return s.store.Ready() }})
+}
+
+// authorizer gives a piece table (and starts the seed) only to a poll
+// whose forwarded credentials upstream lets read that digest in that
+// repository, as the agents' mirror does for its clients (invariant 6).
+func authorizer(regs *upstream.Set, acc *access.Checker) tracker.Authorizer {
+	return func(ctx context.Context, registry, repo, digest, authorization string) error {
+		reg, ok := regs.Lookup(registry)
+		if !ok {
+			return ocierr.New(http.StatusForbidden, ocierr.Denied, "registry %q is not mirrored by this supernode", registry)
+		}
+		return acc.Check(ctx, reg, repo, access.Blob, digest, authorization)
+	}
 }
 
 // Host is the supernode's libp2p host.

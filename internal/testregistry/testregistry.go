@@ -35,6 +35,10 @@ type Registry struct {
 	paths  map[string]int // "GET /v2/app/blobs/sha256:..."
 	token  string
 	gate   func(w http.ResponseWriter, r *http.Request) bool
+	// scoped: blobs and manifests by digest are answered only in the
+	// repositories Push put them in (repo -> digests).
+	scoped bool
+	inRepo map[string]map[string]bool
 	egress atomic.Int64
 	limit  *ratelimit.Limiter
 }
@@ -42,7 +46,7 @@ type Registry struct {
 // New starts a Registry, closed when the test ends.
 func New(t testing.TB) *Registry {
 	t.Helper()
-	u := &Registry{counts: map[string]int{}, paths: map[string]int{}}
+	u := &Registry{counts: map[string]int{}, paths: map[string]int{}, inRepo: map[string]map[string]bool{}}
 	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
 	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		kind := "other"
@@ -55,6 +59,7 @@ func New(t testing.TB) *Registry {
 		u.counts[r.Method+" "+kind]++
 		u.paths[r.Method+" "+r.URL.Path]++
 		token, gate := u.token, u.gate
+		hidden := u.scoped && !u.visible(r.URL.Path)
 		u.mu.Unlock()
 		if token != "" && r.Header.Get("Authorization") != "Bearer "+token {
 			w.Header().Set("WWW-Authenticate", Challenge)
@@ -66,6 +71,12 @@ func New(t testing.TB) *Registry {
 		if gate != nil && gate(w, r) {
 			return
 		}
+		if hidden && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusNotFound)
+			_, _ = io.WriteString(w, `{"errors":[{"code":"BLOB_UNKNOWN","message":"not in this repository"}]}`)
+			return
+		}
 		if r.Method == http.MethodGet || r.Method == http.MethodHead {
 			w = &countingWriter{ResponseWriter: w, n: &u.egress, out: u.limit.Writer(r.Context(), w)}
 		}
@@ -73,6 +84,36 @@ func New(t testing.TB) *Registry {
 	}))
 	t.Cleanup(u.Server.Close)
 	return u
+}
+
+// ScopeToRepos makes blobs and manifests by digest answer only in the
+// repositories Push put them in, as real registries do (go-containerregistry's
+// in-memory registry shares them across repositories); elsewhere they are
+// 404.
+func (u *Registry) ScopeToRepos() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.scoped = true
+}
+
+// visible reports whether a path by digest names something pushed to its
+// repository; paths by tag and other paths are always visible. Callers
+// hold mu.
+func (u *Registry) visible(path string) bool {
+	rest, ok := strings.CutPrefix(path, "/v2/")
+	if !ok {
+		return true
+	}
+	for _, k := range []string{"/blobs/", "/manifests/"} {
+		if i := strings.LastIndex(rest, k); i >= 0 {
+			repo, ref := rest[:i], rest[i+len(k):]
+			if !strings.HasPrefix(ref, "sha256:") {
+				return true
+			}
+			return u.inRepo[repo][ref]
+		}
+	}
+	return true
 }
 
 // LimitEgress caps what the registry sends, shared by all clients, in
@@ -167,6 +208,34 @@ func (u *Registry) Push(t testing.TB, repoTag string, layers int, size int64) v1
 	if err := remote.Write(ref, img); err != nil {
 		t.Fatalf("push %s: %v", ref, err)
 	}
+	digests := []string{}
+	for _, d := range []func() (v1.Hash, error){img.Digest, img.ConfigName} {
+		h, err := d()
+		if err != nil {
+			t.Fatal(err)
+		}
+		digests = append(digests, h.String())
+	}
+	ls, err := img.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range ls {
+		h, err := l.Digest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		digests = append(digests, h.String())
+	}
+	repo := ref.Context().RepositoryStr()
+	u.mu.Lock()
+	if u.inRepo[repo] == nil {
+		u.inRepo[repo] = map[string]bool{}
+	}
+	for _, d := range digests {
+		u.inRepo[repo][d] = true
+	}
+	u.mu.Unlock()
 	u.Reset()
 	return img
 }

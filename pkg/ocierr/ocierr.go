@@ -39,11 +39,20 @@ type Error struct {
 	RetryAfter string
 	// Body, when set, is the upstream's own error JSON, relayed verbatim.
 	Body []byte
+	// Cause is what went wrong inside (a dial error, a path): it goes to
+	// the log through Error, never to the client.
+	Cause error
 }
 
 func (e *Error) Error() string {
+	if e.Cause != nil {
+		return fmt.Sprintf("%s (%d): %s: %v", e.Code, e.Status, e.Message, e.Cause)
+	}
 	return fmt.Sprintf("%s (%d): %s", e.Code, e.Status, e.Message)
 }
+
+// Unwrap returns the cause.
+func (e *Error) Unwrap() error { return e.Cause }
 
 // New builds an Error.
 func New(status int, code, format string, args ...any) *Error {

@@ -7,9 +7,12 @@
 package tracker
 
 import (
+	"context"
 	crand "crypto/rand"
 	"encoding/binary"
+	"errors"
 	"math/rand/v2"
+	"net/http"
 	"net/netip"
 	"time"
 
@@ -19,6 +22,7 @@ import (
 	manet "github.com/multiformats/go-multiaddr/net"
 	"go.uber.org/zap"
 
+	"github.com/starling-oci/starling/pkg/ocierr"
 	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/piece"
 	"github.com/starling-oci/starling/pkg/swarmproto"
@@ -31,12 +35,18 @@ type Seeder interface {
 	Ensure(req swarmproto.TrackerRequest)
 }
 
+// Authorizer returns nil if upstream gives digest in registry/repo to the
+// credentials a poll forwards, or why not (an *ocierr.Error carries the
+// status). It may block on upstream.
+type Authorizer func(ctx context.Context, registry, repo, digest, authorization string) error
+
 // Tracker serves a State over libp2p.
 type Tracker struct {
-	state  *State
-	host   host.Host
-	seeder Seeder
-	log    *zap.Logger
+	state     *State
+	host      host.Host
+	seeder    Seeder
+	authorize Authorizer
+	log       *zap.Logger
 }
 
 // New builds a Tracker for host h; SetSeeder must be called before Register.
@@ -52,6 +62,11 @@ func (t *Tracker) State() *State { return t.state }
 
 // SetSeeder wires the seed (which itself needs the tracker).
 func (t *Tracker) SetSeeder(s Seeder) { t.seeder = s }
+
+// SetAuthorizer makes every poll (the request that hands out a piece
+// table and peers, and may start the seed) pass a, before the State sees
+// it; must be called before Register.
+func (t *Tracker) SetAuthorizer(a Authorizer) { t.authorize = a }
 
 // Register installs the protocol handler.
 func (t *Tracker) Register() { t.host.SetStreamHandler(swarmproto.TrackerProtocol, t.handle) }
@@ -79,10 +94,41 @@ func (t *Tracker) handle(st network.Stream) {
 		// no announced one survives rewriting onto as a peer's.
 		from.IP = netip.IPv6Unspecified()
 	}
-	if err := wire.WriteMsg(st, t.Serve(time.Now(), from, &req)); err != nil {
+	resp := t.check(&req)
+	if resp == nil {
+		resp = t.Serve(time.Now(), from, &req)
+	}
+	if err := wire.WriteMsg(st, resp); err != nil {
 		t.log.Debug("write tracker response", zap.Stringer("peer", from.ID), zap.Error(err))
 		st.Reset()
 	}
+}
+
+// authorizeTimeout bounds the upstream check of one poll, within rpcDeadline.
+const authorizeTimeout = 8 * time.Second
+
+// check returns the refusal of a poll the Authorizer does not pass, nil
+// for anything else.
+func (t *Tracker) check(req *swarmproto.TrackerRequest) *swarmproto.TrackerResponse {
+	if t.authorize == nil || req.Op != swarmproto.OpPoll || req.Validate() != nil {
+		return nil // an invalid request is refused by the State
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), authorizeTimeout)
+	defer cancel()
+	err := t.authorize(ctx, req.Registry, req.Repo, req.Digest, req.Authorization)
+	if err == nil {
+		return nil
+	}
+	status := http.StatusBadGateway
+	msg := "access could not be confirmed upstream"
+	var oe *ocierr.Error
+	if errors.As(err, &oe) {
+		status = oe.Status
+		msg = oe.Message
+	}
+	t.log.Debug("poll refused", zap.String("digest", req.Digest), zap.String("registry", req.Registry),
+		zap.String("repo", req.Repo), zap.Error(err))
+	return refused(status, t.state.cfg.MaxInterval, "not authorized upstream: %s", msg)
 }
 
 // Serve answers one request, starting the seed when the State asks for it.
