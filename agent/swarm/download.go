@@ -116,7 +116,19 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 			now := d.s.clock.Now()
 			d.sched.SawData(time.Unix(0, d.lastData.Load()))
 			if d.sched.Stalled(now) {
-				return &errFallback{reason: "no piece completed in " + d.s.cfg.StallTimeout.String(), stalled: true}
+				// Only a few agents per blob may go to the registry at once:
+				// ask the owning supernode; refused, stay with the swarm.
+				granted, lease, err := d.tr.permit(ctx)
+				switch {
+				case err != nil && ctx.Err() != nil:
+					return ctx.Err()
+				case err != nil:
+					return &errFallback{reason: "stalled, and the supernode did not answer a permit request: " + err.Error(), trackerLost: true}
+				case granted:
+					return &errFallback{reason: "no piece completed in " + d.s.cfg.StallTimeout.String(), stalled: true, permit: true, lease: lease}
+				}
+				d.sched.Denied(now)
+				d.s.log.Info("swarm stalled, but no back-to-source permit is free; staying with the swarm", zap.String("digest", d.req.Digest))
 			}
 		case <-ctx.Done():
 			return ctx.Err()

@@ -41,6 +41,8 @@ type Sched struct {
 	sourced    bool      // the last pick saw a missing piece some known peer has
 	starved    bool      // no source for too long: ask the tracker for more of the seed
 	failed     []Failure // claimed pieces peers did not serve, for the tracker
+	denied     int       // back-to-source permits refused in a row
+	retryAt    time.Time // no stall verdict before this (a permit was refused)
 }
 
 // SchedConfig tunes a Sched.
@@ -334,6 +336,7 @@ func (s *Sched) Done(now time.Time, f Fetch, out Outcome) {
 	switch out {
 	case Got:
 		s.progress = now
+		s.denied = 0
 		ps.failures = 0
 	case Dup:
 	case Corrupt:
@@ -412,7 +415,14 @@ func (s *Sched) Starved(now time.Time) bool {
 // seed still handing out the first pieces) is not stalled: going back to
 // source then would multiply the registry's load, the very thing Starling
 // avoids.
+//
+// A stalled download asks the blob's supernode for a back-to-source
+// permit; when it is refused (Denied) the download stays with the swarm
+// and is not stalled again before a backoff.
 func (s *Sched) Stalled(now time.Time) bool {
+	if now.Before(s.retryAt) {
+		return false
+	}
 	last := s.progress
 	if s.lastData.After(last) {
 		last = s.lastData
@@ -425,6 +435,17 @@ func (s *Sched) Stalled(now time.Time) bool {
 		return false
 	}
 	return now.Sub(last) > s.cfg.StallTimeout
+}
+
+// maxPermitBackoff bounds the wait between two permit requests.
+const maxPermitBackoff = 16 * time.Second
+
+// Denied records that the owning supernode refused a back-to-source permit
+// at now (others hold the few it grants): keep using the swarm, and ask
+// again after 1 s, 2 s, 4 s... up to maxPermitBackoff.
+func (s *Sched) Denied(now time.Time) {
+	s.retryAt = now.Add(min(time.Second<<min(s.denied, 5), maxPermitBackoff))
+	s.denied++
 }
 
 func remove(ids []peer.ID, id peer.ID) []peer.ID {

@@ -249,3 +249,30 @@ func TestSchedUnavailableClaimCountsAgainstThePeer(t *testing.T) {
 		t.Fatalf("reported the seed's failure: %+v", got)
 	}
 }
+
+// A stalled download whose back-to-source permit is refused keeps using
+// the swarm and is not stalled again until a growing backoff has passed.
+func TestSchedPermitDeniedBacksOff(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	s := newTestSched(t, 2, t0)
+	s.cfg.StallTimeout = time.Second
+	at := t0.Add(2 * time.Second)
+	if !s.Stalled(at) {
+		t.Fatal("not stalled after twice the timeout")
+	}
+	s.Denied(at)
+	if s.Stalled(at.Add(500 * time.Millisecond)) {
+		t.Fatal("stalled again right after a refused permit")
+	}
+	if !s.Stalled(at.Add(1100 * time.Millisecond)) {
+		t.Fatal("not stalled after the first backoff (1 s)")
+	}
+	at = at.Add(1100 * time.Millisecond)
+	s.Denied(at)
+	if s.Stalled(at.Add(1500 * time.Millisecond)) {
+		t.Fatal("the second backoff did not grow")
+	}
+	if !s.Stalled(at.Add(2100 * time.Millisecond)) {
+		t.Fatal("not stalled after the second backoff (2 s)")
+	}
+}

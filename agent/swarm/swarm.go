@@ -132,6 +132,8 @@ type errFallback struct {
 	reason      string
 	trackerLost bool // the owning supernode stopped answering
 	stalled     bool // no progress for StallTimeout
+	permit      bool          // the owning supernode granted a back-to-source permit
+	lease       time.Duration // for this long (renewed while fetching)
 }
 
 // kind is the metrics label of the fallback.
@@ -206,7 +208,11 @@ func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started
 		s.fellBack(fb.kind())
 		s.log.Warn("swarm stalled, fetching missing pieces from upstream", zap.String("digest", req.Digest),
 			zap.String("reason", fb.reason), zap.Int("have", p.Have().Count()), zap.Int("of", piece.Count(p.Size(), p.PieceSize())))
-		err = s.origin.FetchPieces(ctx, req, p, d.cids)
+		if fb.permit {
+			err = s.fetchWithPermit(ctx, req, p, d.cids, tr, fb.lease)
+		} else {
+			err = s.origin.FetchPieces(ctx, req, p, d.cids)
+		}
 		break
 	}
 	if err != nil {
@@ -243,6 +249,41 @@ func (s *Swarm) Withdraw(ctx context.Context, digest string) error {
 		}
 	}
 	return first
+}
+
+// fetchWithPermit fetches the missing pieces from upstream under a
+// back-to-source permit: renewed at half its lease while the fetch runs,
+// released at the end.
+func (s *Swarm) fetchWithPermit(ctx context.Context, req registryproxy.BlobRequest, p *store.Partial, cids []cid.Cid, tr *trackerClient, lease time.Duration) error {
+	rctx, stop := context.WithCancel(ctx)
+	renewed := make(chan struct{})
+	go func() {
+		defer close(renewed)
+		if lease <= 0 {
+			return
+		}
+		tick := s.clock.NewTicker(lease / 2)
+		defer tick.Stop()
+		for {
+			select {
+			case <-tick.C():
+				if _, _, err := tr.permit(rctx); err != nil && rctx.Err() == nil {
+					s.log.Debug("renew back-to-source permit", zap.String("digest", req.Digest), zap.Error(err))
+				}
+			case <-rctx.Done():
+				return
+			}
+		}
+	}()
+	err := s.origin.FetchPieces(ctx, req, p, cids)
+	stop()
+	<-renewed
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), rpcTimeout)
+	defer cancel()
+	if rerr := tr.release(cctx); rerr != nil {
+		s.log.Debug("release back-to-source permit", zap.String("digest", req.Digest), zap.Error(rerr))
+	}
+	return err
 }
 
 // join asks the blob's supernodes in rendezvous order until one answers

@@ -95,6 +95,8 @@ type pull struct {
 	announcing bool
 	signalled  bool
 	starved    bool
+	asking     bool // a permit request is out
+	permit     bool // holds a back-to-source permit
 
 	reqs []*pieceReq // in flight
 }
@@ -243,9 +245,24 @@ func (p *pull) tick(gen int) {
 			break
 		}
 	}
-	if p.sched.Stalled(s.vnow()) {
-		p.fallBack()
-		return
+	if !p.asking && p.sched.Stalled(s.vnow()) {
+		// Ask the owning supernode for a back-to-source permit; refused,
+		// stay with the swarm.
+		p.asking = true
+		p.b.owner.request(p.a, &swarmproto.TrackerRequest{Op: swarmproto.OpPermit, Digest: p.b.digest, Want: -1},
+			func(resp *swarmproto.TrackerResponse) {
+				p.asking = false
+				if p.gen != gen || !p.alive() {
+					return
+				}
+				if resp.Permit {
+					p.permit = true
+					p.fallBack()
+					p.renew(time.Duration(resp.PermitTTL) * time.Millisecond)
+					return
+				}
+				p.sched.Denied(s.vnow())
+			})
 	}
 	p.wake()
 	s.after(int64(100*time.Millisecond), func() { p.tick(gen) })
@@ -351,6 +368,22 @@ func (p *pull) finish() {
 	p.a.blobDone()
 }
 
+// renew keeps a back-to-source permit while the fetch runs: asked again
+// at half its lease.
+func (p *pull) renew(lease time.Duration) {
+	if lease <= 0 {
+		return
+	}
+	s := p.a.s
+	s.after(int64(lease/2), func() {
+		if p.state != fallingBack || !p.alive() {
+			return
+		}
+		p.b.owner.request(p.a, &swarmproto.TrackerRequest{Op: swarmproto.OpPermit, Digest: p.b.digest, Want: -1}, func(*swarmproto.TrackerResponse) {})
+		p.renew(lease)
+	})
+}
+
 // fallBack fetches the missing pieces from the registry.
 func (p *pull) fallBack() {
 	s := p.a.s
@@ -373,16 +406,25 @@ func (p *pull) fallBack() {
 	} else {
 		p.store = swarm.NewMemPartial(p.b.size, s.cfg.PieceSize, false, true)
 	}
+	b := p.b
+	b.fetching++
+	s.maxFetching = max(s.maxFetching, b.fetching)
 	s.after(2*s.latency(), func() {
 		if !p.alive() {
+			b.fetching--
 			return
 		}
 		s.startFlow(s.registry, p.a.n.down, missing, func() {
+			b.fetching--
 			for i := range p.b.count {
 				if !p.store.Has(i) {
 					_, length := piece.Bounds(i, p.b.size, s.cfg.PieceSize)
 					_ = p.store.WritePiece(i, s.zero[:length])
 				}
+			}
+			if p.permit {
+				p.b.owner.request(p.a, &swarmproto.TrackerRequest{Op: swarmproto.OpRelease, Digest: p.b.digest, Want: -1},
+					func(*swarmproto.TrackerResponse) {})
 			}
 			p.finish()
 		}, nil)

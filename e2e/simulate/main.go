@@ -77,11 +77,14 @@ type Result struct {
 	UpstreamEgressRatio float64     `json:"upstream_egress_ratio"`
 	SeedEgressRatio     float64     `json:"seed_egress_ratio"`
 	Fallbacks           int         `json:"fallbacks"`
-	Completed           int         `json:"completed"`
-	Left                int         `json:"left"`
-	Incomplete          int         `json:"incomplete"`
-	TrackerRequests     int64       `json:"tracker_requests"`
-	TrackerCPUS         float64     `json:"tracker_cpu_s"`
+	// MaxConcurrentFallbacks is the most agents that fetched one blob from
+	// the registry at the same time.
+	MaxConcurrentFallbacks int     `json:"max_concurrent_fallbacks"`
+	Completed              int     `json:"completed"`
+	Left                   int     `json:"left"`
+	Incomplete             int     `json:"incomplete"`
+	TrackerRequests        int64   `json:"tracker_requests"`
+	TrackerCPUS            float64 `json:"tracker_cpu_s"`
 	// TrackerCPUPerS is tracker CPU per second of storm (core-seconds per
 	// second, up to the last completion).
 	TrackerCPUPerS float64 `json:"tracker_cpu_per_s"`
@@ -218,7 +221,7 @@ func simulate(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, fmt.Errorf("interrupted at virtual %v: %w", time.Duration(s.now), err)
 	}
 	res := &Result{Nodes: cfg.Nodes, Layers: cfg.Layers, PieceSize: cfg.PieceSize, ImageBytes: cfg.Size, TMinS: s.tMin(),
-		Fallbacks: s.fallbacks, Left: s.left, TrackerRequests: s.trackerRequests, TrackerCPUS: s.trackerCPU.Seconds(), Events: s.count}
+		Fallbacks: s.fallbacks, MaxConcurrentFallbacks: s.maxFetching, Left: s.left, TrackerRequests: s.trackerRequests, TrackerCPUS: s.trackerCPU.Seconds(), Events: s.count}
 	for _, a := range s.agents {
 		switch {
 		case a.done >= 0:
@@ -253,7 +256,8 @@ func simulate(ctx context.Context, cfg Config) (*Result, error) {
 }
 
 func printSummary(w io.Writer, r *Result) {
-	fmt.Fprintf(w, "completed %d of %d (%d left mid-storm, %d incomplete), fallbacks %d\n", r.Completed, r.Nodes, r.Left, r.Incomplete, r.Fallbacks)
+	fmt.Fprintf(w, "completed %d of %d (%d left mid-storm, %d incomplete), fallbacks %d (at most %d at once for one blob)\n",
+		r.Completed, r.Nodes, r.Left, r.Incomplete, r.Fallbacks, r.MaxConcurrentFallbacks)
 	fmt.Fprintf(w, "completion p50 %.2f s, p99 %.2f s, max %.2f s; T_min %.2f s; max/T_min %.3f\n",
 		r.CompletionS.P50, r.CompletionS.P99, r.CompletionS.Max, r.TMinS, r.RatioToTMin)
 	fmt.Fprintf(w, "upstream egress %.4fx the image, supernode upload %.3fx\n", r.UpstreamEgressRatio, r.SeedEgressRatio)

@@ -61,13 +61,13 @@ type Progress struct {
 }
 
 type blob struct {
-	idx       int
-	digest    string
-	size      int64
-	count     int
-	cids      []cid.Cid
-	owner     *supernode
-	fullBytes []byte // full-size zero buffer handed to WritePiece (no payload is kept)
+	idx      int
+	digest   string
+	size     int64
+	count    int
+	cids     []cid.Cid
+	owner    *supernode
+	fetching int // agents fetching it from the registry now
 }
 
 // sim is the simulated world.
@@ -92,6 +92,7 @@ type sim struct {
 	trackerRequests int64
 	trackerCPU      time.Duration
 	fallbacks       int
+	maxFetching     int // most agents fetching one blob from the registry at once
 	left            int
 	done            int
 }

@@ -115,3 +115,28 @@ func TestThousandNodeStorm(t *testing.T) {
 			r.TMinS, r.RatioToTMin, r.TrackerRequests, r.TrackerCPUS)
 	}
 }
+
+// A swarm too slow for the agents' patience must not send them all to the
+// registry: stalled agents ask the owning supernode for a permit, and only
+// a few per blob get one; the others keep using the swarm.
+func TestStalledSwarmDoesNotStormTheRegistry(t *testing.T) {
+	cfg := smallStorm()
+	cfg.RegistryBW = 1 << 20           // a piece a second reaches the seed
+	cfg.StallTimeout = 1 * time.Second // and the agents are impatient
+	cfg.Limit = time.Hour
+	r, err := simulate(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Completed != cfg.Nodes {
+		t.Fatalf("%d of %d completed", r.Completed, cfg.Nodes)
+	}
+	t.Logf("fallbacks %d (at most %d at once for one blob), upstream egress %.2fx, max %.1f s",
+		r.Fallbacks, r.MaxConcurrentFallbacks, r.UpstreamEgressRatio, r.CompletionS.Max)
+	if r.MaxConcurrentFallbacks > 2 {
+		t.Errorf("%d agents fetched one blob from the registry at once; permits allow 2", r.MaxConcurrentFallbacks)
+	}
+	if r.Fallbacks >= cfg.Nodes/2 {
+		t.Errorf("%d of %d agents went to the registry", r.Fallbacks, cfg.Nodes)
+	}
+}
