@@ -130,8 +130,8 @@ func (s *Swarm) BytesFromSeed() int64 { return s.fromSeed.Load() }
 // errFallback carries why the swarm gave up on a blob.
 type errFallback struct {
 	reason      string
-	trackerLost bool // the owning supernode stopped answering
-	stalled     bool // no progress for StallTimeout
+	trackerLost bool          // the owning supernode stopped answering
+	stalled     bool          // no progress for StallTimeout
 	permit      bool          // the owning supernode granted a back-to-source permit
 	lease       time.Duration // for this long (renewed while fetching)
 }
