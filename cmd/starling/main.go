@@ -29,7 +29,7 @@ Usage:
   starling agent [flags]       run the node agent (registry mirror + swarm peer)
   starling supernode [flags]   run a supernode (tracker + seed)
   starling configure [flags]   point the node's container runtime at its agent
-  starling swarm-key           print a new pre-shared swarm key
+  starling swarm-key FILE      write a new pre-shared swarm key to FILE (mode 0600)
   starling id FILE             print the peer ID of an identity file, creating it if absent
   starling version             print the version, commit and Go version
   starling help                show this text
@@ -39,7 +39,7 @@ Run "starling COMMAND -h" for a command's flags.
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	err := run(ctx, os.Args[1:], os.Stdout)
 	stop()
 	if errors.Is(err, flag.ErrHelp) {
 		os.Exit(0)
@@ -50,24 +50,26 @@ func main() {
 	}
 }
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if len(args) == 0 {
-		fmt.Fprint(stderr, usage)
-		return errors.New("no command given")
+		return errors.New(`no command given; run "starling help" for the commands`)
 	}
 	cmd, rest := args[0], args[1:]
 	switch cmd {
 	case "agent":
-		return runAgent(ctx, rest, stderr)
+		return runAgent(ctx, rest, stdout)
 	case "supernode":
-		return runSupernode(ctx, rest, stderr)
+		return runSupernode(ctx, rest, stdout)
 	case "configure":
-		return runConfigure(rest, stdout, stderr)
+		return runConfigure(rest, stdout)
 	case "swarm-key":
-		if len(rest) != 0 {
-			return errors.New("usage: starling swarm-key > swarm.key")
+		switch len(rest) {
+		case 0:
+			return swarmKeyToStdout(stdout)
+		case 1:
+			return p2p.WriteSwarmKeyFile(rest[0])
 		}
-		return p2p.GenerateSwarmKey(stdout)
+		return errors.New("usage: starling swarm-key FILE")
 	case "id":
 		if len(rest) != 1 {
 			return errors.New("usage: starling id FILE")
@@ -85,29 +87,40 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		fmt.Fprint(stdout, usage)
 		return nil
 	}
-	fmt.Fprint(stderr, usage)
-	return fmt.Errorf("unknown command %q", cmd)
+	return fmt.Errorf(`unknown command %q; run "starling help" for the commands`, cmd)
 }
 
-func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
+// swarmKeyToStdout prints a new swarm key. When stdout is a file (the
+// shell's `> swarm.key`, created 0644 under the usual umask), the file is
+// made private first: the key lets anyone who reads it join the swarm.
+func swarmKeyToStdout(stdout io.Writer) error {
+	if f, ok := stdout.(*os.File); ok {
+		if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() {
+			if err := f.Chmod(0o600); err != nil {
+				return fmt.Errorf("make %s private before writing the swarm key: %w", f.Name(), err)
+			}
+		}
+	}
+	return p2p.GenerateSwarmKey(stdout)
+}
+
+func runAgent(ctx context.Context, args []string, stdout io.Writer) error {
 	cfg := agent.DefaultConfig()
-	return runDaemon(ctx, "starling agent", args, stderr, &cfg, cfg.BindFlags, func() string { return cfg.LogLevel },
+	return runDaemon(ctx, "starling agent", args, stdout, &cfg, cfg.BindFlags, func() string { return cfg.LogLevel },
 		func(log *zap.Logger) error { return agent.Run(ctx, cfg, log) })
 }
 
-func runSupernode(ctx context.Context, args []string, stderr io.Writer) error {
+func runSupernode(ctx context.Context, args []string, stdout io.Writer) error {
 	cfg := supernode.DefaultConfig()
-	return runDaemon(ctx, "starling supernode", args, stderr, &cfg, cfg.BindFlags, func() string { return cfg.LogLevel },
+	return runDaemon(ctx, "starling supernode", args, stdout, &cfg, cfg.BindFlags, func() string { return cfg.LogLevel },
 		func(log *zap.Logger) error { return supernode.Run(ctx, cfg, log) })
 }
 
 // runConfigure writes (or removes) the runtime configuration and prints
 // what it did.
-func runConfigure(args []string, stdout, stderr io.Writer) error {
+func runConfigure(args []string, stdout io.Writer) error {
 	cfg := nodeconfig.DefaultConfig()
-	fs := flag.NewFlagSet("starling configure", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	if err := config.LoadEnv(fs, args, os.LookupEnv, &cfg, cfg.BindFlags); err != nil {
+	if err := loadFlags("starling configure", args, stdout, &cfg, cfg.BindFlags); err != nil {
 		return err
 	}
 	report, err := nodeconfig.Apply(cfg)
@@ -119,11 +132,9 @@ func runConfigure(args []string, stdout, stderr io.Writer) error {
 
 // runDaemon loads a long-running command's settings (defaults, YAML,
 // flags), builds its logger at the configured level and runs it.
-func runDaemon(ctx context.Context, name string, args []string, stderr io.Writer, cfg any, bind func(*flag.FlagSet),
+func runDaemon(ctx context.Context, name string, args []string, stdout io.Writer, cfg any, bind func(*flag.FlagSet),
 	level func() string, run func(*zap.Logger) error) error {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	if err := config.LoadEnv(fs, args, os.LookupEnv, cfg, bind); err != nil {
+	if err := loadFlags(name, args, stdout, cfg, bind); err != nil {
 		return err
 	}
 	log, err := logging.New(level())
@@ -134,4 +145,24 @@ func runDaemon(ctx context.Context, name string, args []string, stderr io.Writer
 	v := version.Get()
 	log.Info("starting "+name, zap.String("version", v.Version), zap.String("commit", v.Commit), zap.String("go", v.GoVersion))
 	return run(log)
+}
+
+// loadFlags loads a command's settings. -h prints the flags to stdout; any
+// other mistake is one short error (the flag package's page of usage is
+// not printed), which main prints last.
+func loadFlags(name string, args []string, stdout io.Writer, cfg any, bind func(*flag.FlagSet)) error {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	err := config.LoadEnv(fs, args, os.LookupEnv, cfg, bind)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprintf(stdout, "Usage: %s [flags]\n\nEvery flag is also a key of the --config YAML file and a %s variable.\n\nFlags:\n", name, config.EnvName("<FLAG>"))
+		fs.SetOutput(stdout)
+		fs.PrintDefaults()
+		return err
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w; run \"%s -h\" for its flags", name, err, name)
+	}
+	return nil
 }

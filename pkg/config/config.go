@@ -5,11 +5,9 @@
 package config
 
 import (
-	"bytes"
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -48,16 +46,14 @@ func LoadEnv(fs *flag.FlagSet, args []string, env func(string) (string, bool), c
 		if err != nil {
 			return fmt.Errorf("read config: %w", err)
 		}
-		dec := yaml.NewDecoder(bytes.NewReader(raw))
-		dec.KnownFields(true)
-		if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
-			return fmt.Errorf("parse config %s: %w", path, err)
+		if err := decodeFile(path, raw, cfg); err != nil {
+			return err
 		}
 	}
 	fs.String("config", path, "YAML file with settings; flags override it")
 	bind(fs)
 	if err := fs.Parse(args); err != nil {
-		return err
+		return flagError(fs, err)
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments: %v", fs.Args())
