@@ -75,7 +75,8 @@ func TestMetricsLintAndHealth(t *testing.T) {
 		}
 	}
 	for _, family := range []string{"starling_build_info", "starling_seed_fetches_total", "starling_piece_bytes_served_total",
-		"starling_tracked_blobs", "starling_cache_used_bytes", "starling_peers_connected", "libp2p_swarm_connections_opened_total"} {
+		"starling_tracked_blobs", "starling_cache_used_bytes", "starling_peers_connected", "libp2p_swarm_connections_opened_total",
+		"starling_manifest_upstream_requests_total", "starling_manifest_stale_answers_total"} {
 		if _, ok := snScrape[family]; !ok {
 			t.Errorf("supernode exposes no %s", family)
 		}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 
@@ -115,12 +116,13 @@ func (c *Config) Validate() error {
 
 // Supernode is a running supernode.
 type Supernode struct {
-	metrics *metrics.Registry
-	host    host.Host
-	store   *store.Store
-	tracker *tracker.Tracker
-	seed    *seed.Seed
-	pieces  *pieceserver.Server
+	metrics   *metrics.Registry
+	host      host.Host
+	store     *store.Store
+	tracker   *tracker.Tracker
+	seed      *seed.Seed
+	pieces    *pieceserver.Server
+	manifests *manifests.Service
 }
 
 // New starts a supernode's libp2p host and services.
@@ -149,9 +151,10 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 	tr.Register()
 	ps := pieceserver.NewServer(st, ratelimit.New(int64(cfg.UploadRate)), cfg.MaxUploads, log.Named("pieces"))
 	ps.Register(h)
-	manifests.New(manifests.Config{TagTTL: time.Duration(cfg.TagTTL), AuthTTL: time.Duration(cfg.AuthTTL)},
-		regs, up, st, log.Named("manifests")).Register(h)
-	s := &Supernode{metrics: m, host: h, store: st, tracker: tr, seed: sd, pieces: ps}
+	mf := manifests.New(manifests.Config{TagTTL: time.Duration(cfg.TagTTL), AuthTTL: time.Duration(cfg.AuthTTL)},
+		regs, up, st, log.Named("manifests"))
+	mf.Register(h)
+	s := &Supernode{metrics: m, host: h, store: st, tracker: tr, seed: sd, pieces: ps, manifests: mf}
 	s.registerMetrics()
 	return s, nil
 }
@@ -163,6 +166,18 @@ func (s *Supernode) registerMetrics() {
 		func() float64 { return float64(s.SeedFetches()) })
 	m.CounterFunc("seed_upstream_bytes_total", "Blob bytes the seed read from upstream registries (the supernode's share of registry egress).", nil,
 		func() float64 { return float64(s.seed.BytesFromUpstream()) })
+	for _, method := range []string{"GET", "HEAD"} {
+		m.CounterFunc("manifest_upstream_requests_total", "Manifest requests the supernode sent upstream for agents (GETs are what Docker Hub counts as pulls; HEADs resolve tags and check credentials).",
+			prometheus.Labels{"method": method}, func() float64 {
+				st := s.manifests.Stats()
+				if method == "GET" {
+					return float64(st.UpstreamGETs)
+				}
+				return float64(st.UpstreamHEADs)
+			})
+	}
+	m.CounterFunc("manifest_stale_answers_total", "Tags and manifests answered from the supernode's last resolution while upstream was unavailable.", nil,
+		func() float64 { return float64(s.manifests.Stats().StaleAnswers) })
 	m.CounterFunc("piece_bytes_served_total", "Piece bytes uploaded to agents.", nil, func() float64 { return float64(s.BytesServed()) })
 	m.GaugeFunc("tracked_blobs", "Blobs the tracker holds swarms for.", func() float64 { return float64(len(s.tracker.Status())) })
 	m.GaugeFunc("cache_used_bytes", "Bytes of complete blobs in the supernode's store.", func() float64 { return float64(s.store.Used()) })

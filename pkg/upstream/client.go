@@ -174,6 +174,9 @@ func (c *Client) keychainTransport(ctx context.Context, reg Registry, repo strin
 		return nil, fmt.Errorf("resolve credentials for %s: %w", reg.Host, err)
 	}
 	scope := nreg.Repo(repo).Scope(transport.PullScope)
+	// go-containerregistry puts its own User-Agent on every request unless
+	// the transport it wraps already sets one: keep ours.
+	base := transport.NewUserAgent(c.base, c.userAgent)
 	if auth == authn.Anonymous {
 		// Registries such as Docker Hub want a token even for public
 		// repositories: take an anonymous one, as a client would, so public
@@ -181,14 +184,14 @@ func (c *Client) keychainTransport(ctx context.Context, reg Registry, repo strin
 		// flow. A repository it does not open still answers 401 with its
 		// challenge, which reaches the client. A registry that cannot be
 		// pinged now is asked without, and asked again next time.
-		art, aerr := transport.NewWithContext(ctx, nreg, authn.Anonymous, c.base, []string{scope})
+		art, aerr := transport.NewWithContext(ctx, nreg, authn.Anonymous, base, []string{scope})
 		if aerr != nil {
 			c.log.Debug("anonymous token flow unavailable; asking without", zap.String("registry", reg.Host), zap.Error(aerr))
 			return c.base, nil
 		}
 		rt = art
 	} else {
-		rt, err = transport.NewWithContext(ctx, nreg, auth, c.base, []string{scope})
+		rt, err = transport.NewWithContext(ctx, nreg, auth, base, []string{scope})
 		if err != nil {
 			return nil, fmt.Errorf("authenticate to %s with configured credentials: %w", reg.Host, err)
 		}

@@ -23,6 +23,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -82,6 +83,8 @@ type Service struct {
 	// get the manifest it names.
 	onBody func()
 
+	upstreamGETs, upstreamHEADs, staleAnswers atomic.Int64
+
 	mu     sync.Mutex
 	tags   map[string]tagEntry  // tagKey -> last resolution
 	grants map[string]time.Time // grantKey -> when upstream last said yes
@@ -111,6 +114,20 @@ func New(cfg Config, regs *upstream.Set, up *upstream.Client, cache Cache, log *
 	}
 	return &Service{cfg: cfg, regs: regs, up: up, cache: cache, log: log,
 		tags: map[string]tagEntry{}, grants: map[string]time.Time{}}
+}
+
+// Stats are the service's counters.
+type Stats struct {
+	// UpstreamGETs and UpstreamHEADs are the manifest requests sent
+	// upstream; registries such as Docker Hub count the GETs as pulls.
+	UpstreamGETs, UpstreamHEADs int64
+	// StaleAnswers were given while upstream was unavailable.
+	StaleAnswers int64
+}
+
+// Stats returns the service's counters.
+func (s *Service) Stats() Stats {
+	return Stats{UpstreamGETs: s.upstreamGETs.Load(), UpstreamHEADs: s.upstreamHEADs.Load(), StaleAnswers: s.staleAnswers.Load()}
 }
 
 // Answer is a manifest and its digest.
@@ -166,6 +183,7 @@ func (s *Service) byTag(ctx context.Context, reg upstream.Registry, repo, tag, a
 	})
 	if err != nil && upstream.IsUnavailable(err) {
 		if stale := s.staleTag(reg, repo, tag, cred); stale != nil {
+			s.staleAnswers.Add(1)
 			s.log.Warn("upstream unavailable: answering the tag's last resolution", zap.String("registry", reg.Host),
 				zap.String("repo", repo), zap.String("tag", tag), zap.String("digest", stale.Digest), zap.Error(err))
 			return stale, nil
@@ -220,6 +238,7 @@ func (s *Service) shared(ctx context.Context, key string, fn func(context.Contex
 // the manifest by digest unless it is already here.
 func (s *Service) resolveTag(ctx context.Context, reg upstream.Registry, repo, tag, authz string) (*Answer, error) {
 	cred := credKey(authz)
+	s.upstreamHEADs.Add(1)
 	resp, err := s.up.Do(ctx, upstream.Request{
 		Registry: reg, Repo: repo, Method: http.MethodHead, Path: "manifests/" + tag,
 		Authorization: authz, Header: acceptHeader(),
@@ -269,6 +288,7 @@ func (s *Service) resolveTag(ctx context.Context, reg upstream.Registry, repo, t
 // fetch GETs a manifest (by digest, or by tag when upstream named no
 // digest), checks it and keeps it by digest.
 func (s *Service) fetch(ctx context.Context, reg upstream.Registry, repo, ref, authz string) (*Answer, error) {
+	s.upstreamGETs.Add(1)
 	resp, err := s.up.Do(ctx, upstream.Request{
 		Registry: reg, Repo: repo, Method: http.MethodGet, Path: "manifests/" + ref,
 		Authorization: authz, Header: acceptHeader(),
@@ -321,6 +341,7 @@ func (s *Service) byDigest(ctx context.Context, reg upstream.Registry, repo, dig
 		return &Answer{Digest: digest, Manifest: m}, nil
 	}
 	_, err := s.shared(ctx, "head\x00"+gkey, func(ctx context.Context) (*Answer, error) {
+		s.upstreamHEADs.Add(1)
 		resp, err := s.up.Do(ctx, upstream.Request{
 			Registry: reg, Repo: repo, Method: http.MethodHead, Path: "manifests/" + digest,
 			Authorization: authz, Header: acceptHeader(),
@@ -334,6 +355,7 @@ func (s *Service) byDigest(ctx context.Context, reg upstream.Registry, repo, dig
 	})
 	if err != nil {
 		if upstream.IsUnavailable(err) && s.granted(gkey, -1) {
+			s.staleAnswers.Add(1)
 			s.log.Warn("upstream unavailable: answering a manifest these credentials were given before",
 				zap.String("registry", reg.Host), zap.String("repo", repo), zap.String("digest", digest), zap.Error(err))
 			return &Answer{Digest: digest, Manifest: m}, nil

@@ -132,6 +132,9 @@ func TestConcurrentResolutionsShareOneUpstreamRequest(t *testing.T) {
 	if h, g := upstreamCounts(reg); h != 1 || g != 1 {
 		t.Fatalf("upstream saw %d manifest HEADs and %d GETs, want 1 and 1", h, g)
 	}
+	if st := s.Stats(); st.UpstreamHEADs != 1 || st.UpstreamGETs != 1 {
+		t.Fatalf("Stats() = %+v, want the registry's own counts", st)
+	}
 }
 
 // A tag is resolved upstream once per TagTTL (a HEAD); the manifest it
@@ -253,6 +256,9 @@ func TestStaleTagWhileUpstreamDown(t *testing.T) {
 	ans, err := resolve(t, s, reg, "app", "v1", "")
 	if err != nil || !ans.Stale || ans.Digest != digestOf(t, img) {
 		t.Fatalf("stale tag: %v %+v", err, ans)
+	}
+	if n := s.Stats().StaleAnswers; n != 1 {
+		t.Fatalf("%d stale answers counted, want 1", n)
 	}
 	if _, err := resolve(t, s, reg, "app", "v1", "Bearer never-seen"); err == nil {
 		t.Fatal("credentials that never resolved the tag got a stale answer")
