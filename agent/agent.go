@@ -132,6 +132,11 @@ type Agent struct {
 	host    host.Host // nil without supernodes
 	origin  *blobcache.Origin
 	swarm   *swarm.Swarm
+	// for CheckConfig
+	regs       *upstream.Set
+	up         *upstream.Client
+	supernodes []string
+	log        *zap.Logger
 }
 
 // New builds an agent from its configuration; Close releases it.
@@ -149,7 +154,7 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 	}
 	download := ratelimit.New(int64(cfg.DownloadRate))
 	origin := &blobcache.Origin{Store: st, Upstream: up, PieceSize: int64(cfg.PieceSize), Download: download, Log: log.Named("origin")}
-	a := &Agent{store: st, origin: origin, metrics: metrics.New("agent")}
+	a := &Agent{store: st, origin: origin, metrics: metrics.New("agent"), regs: regs, up: up, supernodes: cfg.Supernodes.Values, log: log.Named("check")}
 	a.checks = []metrics.Check{{Name: "store", Check: func(context.Context) error { return st.Ready() }}}
 	var filler blobcache.Filler = origin
 	var source registryproxy.ManifestSource
@@ -378,6 +383,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 		}
 	}
 	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { a.CheckConfig(gctx); return nil })
 	g.Go(func() error { return httpserve.Serve(gctx, ln, a.Handler(), 10*time.Second) })
 	if mln != nil {
 		g.Go(func() error { return httpserve.Serve(gctx, mln, a.MetricsHandler(), time.Second) })

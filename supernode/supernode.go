@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
@@ -123,6 +124,10 @@ type Supernode struct {
 	seed      *seed.Seed
 	pieces    *pieceserver.Server
 	manifests *manifests.Service
+	// for CheckConfig
+	regs *upstream.Set
+	up   *upstream.Client
+	log  *zap.Logger
 }
 
 // New starts a supernode's libp2p host and services.
@@ -137,6 +142,11 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 	st, err := store.Open(store.Options{Dir: cfg.DataDir, QuotaBytes: int64(cfg.CacheSize)}, log.Named("store"))
 	if err != nil {
 		return nil, err
+	}
+	if cfg.Identity == "" {
+		log.Warn("NO --identity: this supernode gets a NEW PEER ID on every start, and every agent's --supernode .../p2p/<id> " +
+			"stops matching at the next restart (agents then pull from the registry directly). " +
+			"Create one with `starling id FILE` and pass --identity FILE")
 	}
 	m := metrics.New("supernode")
 	h, err := p2p.NewHost(p2p.Config{ListenAddrs: cfg.P2PListen.Values, IdentityFile: cfg.Identity, SwarmKeyFile: cfg.SwarmKey, Metrics: m.Registerer()}, log.Named("p2p"))
@@ -154,7 +164,7 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 	mf := manifests.New(manifests.Config{TagTTL: time.Duration(cfg.TagTTL), AuthTTL: time.Duration(cfg.AuthTTL)},
 		regs, up, st, log.Named("manifests"))
 	mf.Register(h)
-	s := &Supernode{metrics: m, host: h, store: st, tracker: tr, seed: sd, pieces: ps, manifests: mf}
+	s := &Supernode{metrics: m, host: h, store: st, tracker: tr, seed: sd, pieces: ps, manifests: mf, regs: regs, up: up, log: log.Named("check")}
 	s.registerMetrics()
 	return s, nil
 }
@@ -279,8 +289,24 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { <-gctx.Done(); return nil })
+	g.Go(func() error { s.CheckConfig(gctx); return nil })
 	for _, sv := range servers {
 		g.Go(func() error { return httpserve.Serve(gctx, sv.ln, sv.h, 5*time.Second) })
 	}
 	return g.Wait()
+}
+
+// CheckConfig checks each configured registry once and logs what it found
+// (reachable, TLS or plain, auth required) at info, or at warn what is
+// wrong and what to change.
+func (s *Supernode) CheckConfig(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, reg := range s.regs.All() {
+		wg.Go(func() {
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			upstream.LogFinding(s.log, s.up.Check(cctx, reg))
+		})
+	}
+	wg.Wait()
 }

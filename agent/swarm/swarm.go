@@ -25,6 +25,7 @@ import (
 
 	"github.com/starling-oci/starling/agent/blobcache"
 	"github.com/starling-oci/starling/pkg/ocierr"
+	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/piece"
 	"github.com/starling-oci/starling/pkg/ratelimit"
 	"github.com/starling-oci/starling/pkg/rendezvous"
@@ -170,7 +171,8 @@ func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started
 			s.log.Info("seed refused upstream; asking upstream with the client's credentials", zap.String("digest", req.Digest), zap.Error(err))
 			s.fellBack("seed_refused")
 		} else {
-			s.log.Warn("swarm unavailable, fetching from upstream", zap.String("digest", req.Digest), zap.Error(err))
+			s.log.Warn("swarm unavailable, fetching from upstream", zap.String("digest", req.Digest),
+				zap.String("cause", p2p.ExplainDialError(err)), zap.Error(err))
 			s.fellBack("no_supernode")
 		}
 		return s.origin.Fill(ctx, req, started)
