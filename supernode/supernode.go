@@ -163,13 +163,16 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 		return nil, err
 	}
 	tr := tracker.New(tracker.Config{}, h, log.Named("tracker"))
-	tr.SetAuthorizer(authorizer(regs, access.New(up, time.Duration(cfg.AuthTTL), nil)))
+	acc := access.New(up, time.Duration(cfg.AuthTTL), nil)
+	tr.SetAuthorizer(authorizer(regs, acc))
 	sd := seed.New(st, up, regs, tr, int64(cfg.PieceSize), time.Duration(cfg.FetchTimeout), log.Named("seed"))
 	tr.SetSeeder(sd)
 	tr.Register()
 	ps := pieceserver.NewServer(st, ratelimit.New(int64(cfg.UploadRate)), cfg.MaxUploads, log.Named("pieces"))
 	ps.Register(h)
-	mf := manifests.New(manifests.Config{TagTTL: time.Duration(cfg.TagTTL), AuthTTL: time.Duration(cfg.AuthTTL)},
+	// A manifest the manifest service got for some credentials grants them
+	// the blobs it names, so the tracker's check of each poll needs no HEAD.
+	mf := manifests.New(manifests.Config{TagTTL: time.Duration(cfg.TagTTL), AuthTTL: time.Duration(cfg.AuthTTL), OnGrant: acc.AllowManifest},
 		regs, up, st, log.Named("manifests"))
 	mf.Register(h)
 	s := &Supernode{metrics: m, host: h, store: st, tracker: tr, seed: sd, pieces: ps, manifests: mf, regs: regs, up: up, log: log.Named("check")}
