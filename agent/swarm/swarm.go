@@ -109,7 +109,7 @@ func New(cfg Config, h host.Host, st *store.Store, origin *blobcache.Origin, log
 		s.bufs <- nil // allocated on first use
 	}
 	for _, sn := range cfg.Supernodes {
-		p2p.KeepSupernode(h, sn)
+		h.Peerstore().AddAddrs(sn.ID, sn.Addrs, 24*time.Hour)
 		s.owners = append(s.owners, sn.ID.String())
 	}
 	return s
@@ -163,6 +163,19 @@ func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started
 	}
 	tried := map[peer.ID]bool{}
 	tr, first, err := s.join(ctx, req, tried)
+	for errors.Is(err, errSlowSeed) {
+		// The owner answers but its seed is still waiting on upstream: a
+		// slow swarm, not a dead one. Only a few agents per blob may go to
+		// upstream themselves; the others keep waiting for the seed.
+		if s.mayGoToSource(ctx, tr, req.Digest) {
+			s.log.Warn("seed is slow, fetching from upstream with a back-to-source permit", zap.String("digest", req.Digest))
+			s.fellBack("slow_seed")
+			err = s.origin.Fill(ctx, req, started)
+			s.release(tr)
+			return err
+		}
+		first, err = tr.waitForSize(ctx, s.cfg.StallTimeout)
+	}
 	if err != nil {
 		var oe *ocierr.Error
 		if errors.As(err, &oe) && oe.Status >= 400 && oe.Status < 500 {
@@ -233,6 +246,28 @@ func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started
 	return nil
 }
 
+// mayGoToSource asks the blob's tracker for a back-to-source permit. A
+// tracker that cannot be asked does not hold the pull up: the agent then
+// goes alone, so a pull never fails because of P2P.
+func (s *Swarm) mayGoToSource(ctx context.Context, tr *trackerClient, digest string) bool {
+	ok, _, err := tr.permit(ctx)
+	if err != nil {
+		s.log.Info("no back-to-source permit to be had; going alone", zap.String("digest", digest), zap.Error(err))
+		return true
+	}
+	if !ok {
+		s.log.Debug("back-to-source permit refused; staying with the swarm", zap.String("digest", digest))
+	}
+	return ok
+}
+
+// release hands a permit back, best effort.
+func (s *Swarm) release(tr *trackerClient) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = tr.release(ctx)
+}
+
 // Withdraw tells the blob's supernodes that this agent no longer holds
 // it (evicted, or quarantined after failing a check), so they stop handing
 // it out as a source. Supernodes that do not track the blob are ignored;
@@ -299,8 +334,8 @@ func (s *Swarm) join(ctx context.Context, req registryproxy.BlobRequest, skip ma
 		}
 		tr := &trackerClient{host: s.host, peer: pid, req: req}
 		resp, err := tr.waitForSize(ctx, s.cfg.StallTimeout)
-		if err == nil {
-			return tr, resp, nil
+		if err == nil || errors.Is(err, errSlowSeed) {
+			return tr, resp, err // answered: a slow seed is still this blob's seed
 		}
 		var oe *ocierr.Error
 		if errors.As(err, &oe) {

@@ -552,3 +552,87 @@ func TestWithdrawnBlobLeavesTheTracker(t *testing.T) {
 		t.Fatalf("%d members after the withdrawal, want 1", got)
 	}
 }
+
+// permitStatus reads the supernode's /status: back-to-source permits
+// refused for digest.
+func permitsDenied(t *testing.T, sn *supernode.Supernode, digest string) int {
+	t.Helper()
+	srv := httptest.NewServer(sn.Handler())
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var status struct {
+		Blobs []struct {
+			Digest string `json:"digest"`
+			Denied int    `json:"permits_denied"`
+		} `json:"blobs"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&status); err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range status.Blobs {
+		if b.Digest == digest {
+			return b.Denied
+		}
+	}
+	return 0
+}
+
+// A seed stuck on a slow upstream is a slow swarm, not a dead one: agents
+// that wait past --stall-timeout ask the owner for a back-to-source permit,
+// at most two fetch from upstream at once, and the others keep waiting.
+// Before permits every agent went to upstream after the stall timeout.
+func TestSlowSeedBoundsBackToSource(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 1, 256<<10)
+	layers, _ := img.Layers()
+	ld, _ := layers[0].Digest()
+	hold := make(chan struct{})
+	var inflight, peak atomic.Int64
+	up.SetGate(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method != http.MethodGet || !strings.HasSuffix(r.URL.Path, "/blobs/"+ld.String()) {
+			return false
+		}
+		// The seed's GET and the agents' look alike upstream: count them all.
+		n := inflight.Add(1)
+		defer inflight.Add(-1)
+		for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+		}
+		select { // everyone's layer GET waits until the test has looked
+		case <-hold:
+		case <-r.Context().Done():
+			return true
+		}
+		return false
+	})
+	key := swarmKey(t)
+	sn := startSupernode(t, key, up.URL(), 0)
+	errs := make(chan error, 3)
+	for range 3 {
+		n := startAgent(t, key, up.URL(), sn.Addrs(), func(c *agent.Config) { c.StallTimeout = config.Duration(time.Second) })
+		go func() { errs <- pull(n.srv.URL, "app:v1") }()
+	}
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(30 * time.Second)
+	for permitsDenied(t, sn, ld.String()) == 0 || inflight.Load() < 3 {
+		select {
+		case <-tick.C:
+		case <-deadline:
+			close(hold)
+			t.Fatalf("no permit refused (%d layer GETs in flight, the seed's included)", inflight.Load())
+		}
+	}
+	close(hold)
+	for range 3 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if p := peak.Load(); p > 3 {
+		t.Fatalf("%d layer GETs at once, want at most 3: the seed and 2 agents with permits", p)
+	}
+}

@@ -165,6 +165,10 @@ func (t *trackerClient) release(ctx context.Context) error {
 	return err
 }
 
+// errSlowSeed says the tracker answers but its seed has not learned the
+// blob's size in time: a slow upstream, not a dead swarm.
+var errSlowSeed = errors.New("seed did not learn the blob size in time")
+
 // waitForSize polls until the seed knows the blob's size.
 func (t *trackerClient) waitForSize(ctx context.Context, limit time.Duration) (*swarmproto.TrackerResponse, error) {
 	deadline := time.Now().Add(limit)
@@ -177,7 +181,7 @@ func (t *trackerClient) waitForSize(ctx context.Context, limit time.Duration) (*
 			return resp, nil
 		}
 		if time.Now().After(deadline) {
-			return nil, errors.New("seed did not learn the blob size in time")
+			return nil, errSlowSeed
 		}
 	}
 }

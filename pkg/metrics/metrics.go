@@ -27,7 +27,7 @@ const namespace = "starling"
 // FallbackReasons are the label values of starling_back_to_source_total:
 // why an agent fetched a blob (or its missing pieces) from the registry
 // instead of the swarm.
-var FallbackReasons = []string{"no_supernode", "seed_refused", "stalled", "supernode_lost", "swarm_error"}
+var FallbackReasons = []string{"no_supernode", "seed_refused", "slow_seed", "stalled", "supernode_lost", "swarm_error"}
 
 // Sources are the label values of starling_blob_bytes_total.
 var Sources = []string{"upstream", "peers", "seed"}

@@ -166,6 +166,7 @@ type swarm struct {
 	held    []int32            // per piece: members holding it
 	offered [][]*member        // per piece: members it is on offer to
 	permits []lease
+	denied  int // permits refused, for the status API
 }
 
 type member struct {
@@ -816,6 +817,8 @@ func (st *State) permit(s *swarm, m *member, now time.Time) *swarmproto.TrackerR
 	if len(s.permits) < st.cfg.Permits {
 		s.permits = append(s.permits, lease{m: m, until: now.Add(st.cfg.PermitLease)})
 		resp.Permit, resp.PermitTTL = true, st.cfg.PermitLease.Milliseconds()
+	} else {
+		s.denied++
 	}
 	return resp
 }
@@ -951,6 +954,10 @@ type BlobStatus struct {
 	Size   int64  `json:"size"`
 	Pieces int    `json:"pieces_known"`
 	Peers  int    `json:"peers"`
+	// Permits are the back-to-source leases granted and not yet handed
+	// back or expired; PermitsDenied counts refusals.
+	Permits       int `json:"permits"`
+	PermitsDenied int `json:"permits_denied"`
 }
 
 // Status lists every blob the tracker knows.
@@ -960,7 +967,8 @@ func (st *State) Status() []BlobStatus {
 	out := make([]BlobStatus, 0, len(st.blobs))
 	for d, s := range st.blobs {
 		s.mu.Lock()
-		out = append(out, BlobStatus{Digest: d, Size: s.size, Pieces: len(s.pieces), Peers: len(s.members)})
+		out = append(out, BlobStatus{Digest: d, Size: s.size, Pieces: len(s.pieces), Peers: len(s.members),
+			Permits: len(s.permits), PermitsDenied: s.denied})
 		s.mu.Unlock()
 	}
 	return out
