@@ -16,9 +16,12 @@ BENCHTIME  ?= 3x
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/starling
 
+# deploy/helm/charttest is a module of its own (Helm and the Kubernetes API
+# stay out of the daemons' build): it renders the chart and checks it.
 test:
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 20m ./...
+	cd deploy/helm/charttest && $(GO) vet ./... && $(GO) test -count=1 -timeout 10m ./...
 
 lint:
 	@unformatted="$$(gofmt -l .)"; \

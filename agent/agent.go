@@ -54,6 +54,8 @@ type Config struct {
 	P2PListen    config.Strings  `yaml:"p2p-listen"`
 	Identity     string          `yaml:"identity"`
 	SwarmKey     string          `yaml:"swarm-key"`
+	PNet         bool            `yaml:"pnet"`
+	MaxConns     int             `yaml:"max-conns"`
 	UploadRate   config.Bytes    `yaml:"upload-rate"`
 	DownloadRate config.Bytes    `yaml:"download-rate"`
 	MaxUploads   int             `yaml:"max-uploads"`
@@ -77,6 +79,7 @@ func DefaultConfig() Config {
 		LogLevel:      "info",
 		Prefetch:      true,
 		P2PListen:     config.Strings{Values: []string{"/ip4/0.0.0.0/tcp/4002"}},
+		MaxConns:      p2p.DefaultAgentConns,
 		MaxUploads:    4,
 		MaxInflight:   8,
 		StallTimeout:  config.Duration(15 * time.Second),
@@ -101,6 +104,8 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.Var(&c.P2PListen, "p2p-listen", "libp2p listen multiaddr (repeatable)")
 	fs.StringVar(&c.Identity, "identity", c.Identity, "identity key file (created if absent); empty = new identity each start")
 	fs.StringVar(&c.SwarmKey, "swarm-key", c.SwarmKey, "pre-shared swarm key file, the same on every node")
+	fs.BoolVar(&c.PNet, "pnet", c.PNet, "also encrypt every connection with libp2p pnet (XSalsa20) keyed by the swarm key, so hosts without it cannot even handshake; costs CPU on every byte, and every node must agree")
+	fs.IntVar(&c.MaxConns, "max-conns", c.MaxConns, "libp2p connections kept before the least useful are closed (the least useful unprotected ones; configured supernodes are never closed)")
 	fs.Var(&c.UploadRate, "upload-rate", "upload cap to peers in bytes/s, e.g. 50MiB (0 = unlimited)")
 	fs.Var(&c.DownloadRate, "download-rate", "download cap from peers and upstream in bytes/s (0 = unlimited)")
 	fs.IntVar(&c.MaxUploads, "max-uploads", c.MaxUploads, "concurrent piece uploads to peers")
@@ -194,7 +199,10 @@ func newSwarm(cfg Config, st *store.Store, origin *blobcache.Origin, download *r
 		}
 		supernodes = append(supernodes, ai)
 	}
-	h, err := p2p.NewHost(p2p.Config{ListenAddrs: cfg.P2PListen.Values, IdentityFile: cfg.Identity, SwarmKeyFile: cfg.SwarmKey, Metrics: m.Registerer()}, log.Named("p2p"))
+	h, err := p2p.NewHost(p2p.Config{
+		ListenAddrs: cfg.P2PListen.Values, IdentityFile: cfg.Identity, SwarmKeyFile: cfg.SwarmKey,
+		PrivateNetwork: cfg.PNet, MaxConns: cfg.MaxConns, Metrics: m.Registerer(),
+	}, log.Named("p2p"))
 	if err != nil {
 		return nil, nil, err
 	}

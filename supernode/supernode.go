@@ -41,6 +41,8 @@ type Config struct {
 	P2PListen    config.Strings  `yaml:"p2p-listen"`
 	Identity     string          `yaml:"identity"`
 	SwarmKey     string          `yaml:"swarm-key"`
+	PNet         bool            `yaml:"pnet"`
+	MaxConns     int             `yaml:"max-conns"`
 	DataDir      string          `yaml:"data-dir"`
 	Registries   config.Strings  `yaml:"registry"`
 	CAFile       string          `yaml:"ca-file"`
@@ -67,6 +69,7 @@ func DefaultConfig() Config {
 	return Config{
 		P2PListen:     config.Strings{Values: []string{"/ip4/0.0.0.0/tcp/4001"}},
 		DataDir:       "/var/lib/starling/supernode",
+		MaxConns:      p2p.SupernodeConns,
 		MaxUploads:    8,
 		PieceSize:     config.Bytes(piece.DefaultSize),
 		FetchTimeout:  config.Duration(30 * time.Minute),
@@ -82,6 +85,8 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.Var(&c.P2PListen, "p2p-listen", "libp2p listen multiaddr (repeatable)")
 	fs.StringVar(&c.Identity, "identity", c.Identity, "identity key file (created if absent); pin its peer ID in agents' --supernode")
 	fs.StringVar(&c.SwarmKey, "swarm-key", c.SwarmKey, "pre-shared swarm key file (starling swarm-key); without it the swarm is open to anyone")
+	fs.BoolVar(&c.PNet, "pnet", c.PNet, "also encrypt every connection with libp2p pnet (XSalsa20) keyed by the swarm key, so hosts without it cannot even handshake; costs CPU on every byte, and every node must agree")
+	fs.IntVar(&c.MaxConns, "max-conns", c.MaxConns, "libp2p connections kept before the least useful are closed (one per agent of the cluster)")
 	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "where seeded blobs and metadata are kept")
 	fs.Var(&c.Registries, "registry", "upstream registry the seed may fetch from (repeatable)")
 	fs.StringVar(&c.CAFile, "ca-file", c.CAFile, "extra PEM CA bundle trusted for upstream TLS")
@@ -149,19 +154,25 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 			"Create one with `starling id FILE` and pass --identity FILE")
 	}
 	m := metrics.New("supernode")
-	h, err := p2p.NewHost(p2p.Config{ListenAddrs: cfg.P2PListen.Values, IdentityFile: cfg.Identity, SwarmKeyFile: cfg.SwarmKey, Metrics: m.Registerer()}, log.Named("p2p"))
+	h, err := p2p.NewHost(p2p.Config{
+		ListenAddrs: cfg.P2PListen.Values, IdentityFile: cfg.Identity, SwarmKeyFile: cfg.SwarmKey,
+		PrivateNetwork: cfg.PNet, MaxConns: cfg.MaxConns, Metrics: m.Registerer(),
+	}, log.Named("p2p"))
 	if err != nil {
 		st.Close()
 		return nil, err
 	}
 	tr := tracker.New(tracker.Config{}, h, log.Named("tracker"))
-	tr.SetAuthorizer(authorizer(regs, access.New(up, time.Duration(cfg.AuthTTL), nil)))
+	acc := access.New(up, time.Duration(cfg.AuthTTL), nil)
+	tr.SetAuthorizer(authorizer(regs, acc))
 	sd := seed.New(st, up, regs, tr, int64(cfg.PieceSize), time.Duration(cfg.FetchTimeout), log.Named("seed"))
 	tr.SetSeeder(sd)
 	tr.Register()
 	ps := pieceserver.NewServer(st, ratelimit.New(int64(cfg.UploadRate)), cfg.MaxUploads, log.Named("pieces"))
 	ps.Register(h)
-	mf := manifests.New(manifests.Config{TagTTL: time.Duration(cfg.TagTTL), AuthTTL: time.Duration(cfg.AuthTTL)},
+	// A manifest the manifest service got for some credentials grants them
+	// the blobs it names, so the tracker's check of each poll needs no HEAD.
+	mf := manifests.New(manifests.Config{TagTTL: time.Duration(cfg.TagTTL), AuthTTL: time.Duration(cfg.AuthTTL), OnGrant: acc.AllowManifest},
 		regs, up, st, log.Named("manifests"))
 	mf.Register(h)
 	s := &Supernode{metrics: m, host: h, store: st, tracker: tr, seed: sd, pieces: ps, manifests: mf, regs: regs, up: up, log: log.Named("check")}

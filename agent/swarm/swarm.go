@@ -109,7 +109,7 @@ func New(cfg Config, h host.Host, st *store.Store, origin *blobcache.Origin, log
 		s.bufs <- nil // allocated on first use
 	}
 	for _, sn := range cfg.Supernodes {
-		h.Peerstore().AddAddrs(sn.ID, sn.Addrs, 24*time.Hour)
+		p2p.KeepSupernode(h, sn)
 		s.owners = append(s.owners, sn.ID.String())
 	}
 	return s

@@ -187,6 +187,19 @@ func (c *child) cpuTime() (time.Duration, error) {
 	return time.Duration(ticks) * time.Second / userHZ, nil
 }
 
+// agentsCPU is the CPU time all agents have used so far.
+func (s *swarm) agentsCPU() (time.Duration, error) {
+	var sum time.Duration
+	for _, a := range s.agents {
+		cpu, err := a.cpuTime()
+		if err != nil {
+			return 0, a.failure(err)
+		}
+		sum += cpu
+	}
+	return sum, nil
+}
+
 // addrFile is what starling writes to --addr-file once listening.
 type addrFile struct {
 	Mirror string   `json:"mirror,omitempty"`

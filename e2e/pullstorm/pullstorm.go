@@ -80,6 +80,14 @@ type RunResult struct {
 	RatioToTMin         float64     `json:"ratio_to_t_min"`
 	FailedPulls         int         `json:"failed_pulls"`
 	AgentMaxRSSBytes    int64       `json:"agent_max_rss_bytes"`
+	// StarlingCPUS is the CPU time (user + system, from /proc) every
+	// Starling process (agents and supernode) used during the pull, from
+	// the barrier to the last pull's end; ClientsCPUS is this process's
+	// (the pulling clients'); CPUSPerGB is StarlingCPUS per GB delivered
+	// (nodes x image bytes / 1e9). Direct mode runs no Starling process.
+	StarlingCPUS float64 `json:"starling_cpu_s"`
+	ClientsCPUS  float64 `json:"clients_cpu_s"`
+	CPUSPerGB    float64 `json:"cpu_s_per_gb"`
 	// RegistryRequests are the requests the registry had during the pull
 	// (from the barrier to the last pull's end), by kind.
 	RegistryRequests RegistryRequests `json:"registry_requests"`
@@ -95,8 +103,8 @@ type RunResult struct {
 	Setup time.Duration `json:"-"`
 	// Pull is the time from the barrier to the last pull's end.
 	Pull time.Duration `json:"-"`
-	// CPU used: by the agents and the supernode over their lifetime, and
-	// by this process (the clients) during the pull.
+	// CPU used during the pull by the agents, the supernode and this
+	// process (the clients).
 	AgentsCPU, SupernodeCPU, ClientsCPU time.Duration `json:"-"`
 }
 
@@ -300,6 +308,15 @@ func runMode(ctx context.Context, cfg Config, mode, bin, workDir string, img *te
 		prog.mirrors = sw.mirrors
 	}
 	setup := time.Since(setupStart)
+	var agentsCPU0, supernodeCPU0 time.Duration
+	if sw != nil {
+		if agentsCPU0, err = sw.agentsCPU(); err != nil {
+			return nil, nil, err
+		}
+		if supernodeCPU0, err = sw.supernode.cpuTime(); err != nil {
+			return nil, nil, sw.supernode.failure(err)
+		}
+	}
 	cpu0 := selfCPU()
 	up.ResetRequests() // setup (start-up checks, the push) is not the rollout
 	t0 = time.Now()
@@ -356,13 +373,22 @@ func runMode(ctx context.Context, cfg Config, mode, bin, workDir string, img *te
 				continue
 			}
 			r.AgentMaxRSSBytes = max(r.AgentMaxRSSBytes, rss)
-			if cpu, err := a.cpuTime(); err == nil {
-				r.AgentsCPU += cpu
-			}
+		}
+		if cpu, err := sw.agentsCPU(); err == nil {
+			r.AgentsCPU = cpu - agentsCPU0
+		} else {
+			failures = append(failures, err)
 		}
 		if cpu, err := sw.supernode.cpuTime(); err == nil {
-			r.SupernodeCPU = cpu
+			r.SupernodeCPU = cpu - supernodeCPU0
+		} else {
+			failures = append(failures, sw.supernode.failure(err))
 		}
+	}
+	r.StarlingCPUS = (r.AgentsCPU + r.SupernodeCPU).Seconds()
+	r.ClientsCPUS = r.ClientsCPU.Seconds()
+	if delivered := float64(r.Nodes) * float64(r.ImageBytes) / 1e9; delivered > 0 {
+		r.CPUSPerGB = r.StarlingCPUS / delivered
 	}
 	if ctx.Err() != nil {
 		return r, nil, fmt.Errorf("interrupted: %w", context.Cause(ctx))

@@ -69,6 +69,14 @@ func TestSmallPullStorm(t *testing.T) {
 	if p2p.AgentMaxRSSBytes <= 0 {
 		t.Errorf("p2p agent_max_rss_bytes %d, want > 0", p2p.AgentMaxRSSBytes)
 	}
+	// The pull moved bytes through the Starling processes, which costs CPU;
+	// direct mode runs none.
+	if p2p.StarlingCPUS <= 0 || p2p.CPUSPerGB <= 0 {
+		t.Errorf("p2p starling_cpu_s %v, cpu_s_per_gb %v; want both > 0", p2p.StarlingCPUS, p2p.CPUSPerGB)
+	}
+	if direct.StarlingCPUS != 0 || direct.ClientsCPUS <= 0 {
+		t.Errorf("direct starling_cpu_s %v (want 0), clients_cpu_s %v (want > 0)", direct.StarlingCPUS, direct.ClientsCPUS)
+	}
 
 	// A supernode and an agent per node were started, and all are gone.
 	if len(res.PIDs) != cfg.Nodes+1 {

@@ -57,7 +57,7 @@ func tMin(mode string, n int, f float64, agentBW, seedBW, registryBW int64) floa
 func printTable(w io.Writer, runs []RunResult) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', tabwriter.AlignRight)
 	// Labels padded to one width read left-aligned in right-aligned cells.
-	const labelWidth = len("image (unique blob bytes)")
+	const labelWidth = len("CPU: Starling (agents + supernode)")
 	row := func(label string, f func(r RunResult) string) {
 		cells := []string{fmt.Sprintf("%-*s", labelWidth, label)}
 		for _, r := range runs {
@@ -96,7 +96,9 @@ func printTable(w io.Writer, runs []RunResult) error {
 	})
 	row("CPU: agents", func(r RunResult) string { return dash(r.Mode, secs(r.AgentsCPU.Seconds())) })
 	row("CPU: supernode", func(r RunResult) string { return dash(r.Mode, secs(r.SupernodeCPU.Seconds())) })
-	row("CPU: clients (pullstorm)", func(r RunResult) string { return secs(r.ClientsCPU.Seconds()) })
+	row("CPU: Starling (agents + supernode)", func(r RunResult) string { return dash(r.Mode, secs(r.StarlingCPUS)) })
+	row("CPU: clients (pullstorm)", func(r RunResult) string { return secs(r.ClientsCPUS) })
+	row("CPU-s per GB delivered", func(r RunResult) string { return dash(r.Mode, fmt.Sprintf("%.2f", r.CPUSPerGB)) })
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("print table: %w", err)
 	}

@@ -13,22 +13,28 @@ import (
 
 // ExplainDialError turns a libp2p dial failure into what an operator should
 // check. The misconfigurations it names are the ones libp2p reports only as
-// protocol internals: a swarm key that differs (the peers' pnet ciphers
-// disagree, so the security handshake reads noise: "message did not have
-// trailing newline", "incoming message was too large"), and a peer ID that
-// does not match the one configured. Anything else is returned as is.
+// protocol internals: a swarm key that differs (the membership proof fails:
+// ErrNotMember, or the peer closes the connection on ours; the peer speaks
+// another security protocol because it has no key or is of an older
+// release: "protocols not supported"; with --pnet the peers' ciphers
+// disagree, so the handshake reads noise: "message did not have trailing
+// newline", "incoming message was too large", or each waits for the other
+// until the handshake times out), and a peer ID that does not
+// match the one configured. Anything else is returned as is.
 func ExplainDialError(err error) string {
 	if err == nil {
 		return ""
 	}
 	msg := err.Error()
 	switch {
-	case strings.Contains(msg, "peer id mismatch"):
+	case strings.Contains(msg, "peer id mismatch") || strings.Contains(msg, "peer IDs don't match"):
 		return "another peer ID answers at that address: the peer's identity changed (a supernode started without --identity gets a new peer ID each start; pin --identity and update --supernode)"
-	case strings.Contains(msg, "failed to negotiate security protocol") &&
-		(strings.Contains(msg, "trailing newline") || strings.Contains(msg, "message was too large") ||
-			strings.Contains(msg, "EOF") || strings.Contains(msg, "connection reset")):
-		return "the swarm keys differ: the peer answered, but not with this --swarm-key (or it has none, or it is not a Starling node)"
+	case strings.Contains(msg, ErrNotMember.Error()) ||
+		strings.Contains(msg, "failed to negotiate security protocol") &&
+			(strings.Contains(msg, "trailing newline") || strings.Contains(msg, "message was too large") ||
+				strings.Contains(msg, "protocols not supported") || strings.Contains(msg, "deadline exceeded") ||
+				strings.Contains(msg, "EOF") || strings.Contains(msg, "connection reset")):
+		return "the swarm keys differ: the peer answered, but not with this --swarm-key (or it has none, or another --pnet setting, or it is not a Starling node of this release)"
 	case strings.Contains(msg, "connection refused"):
 		return "connection refused: nothing listens at that address"
 	case strings.Contains(msg, "i/o timeout") || strings.Contains(msg, "context deadline exceeded"):

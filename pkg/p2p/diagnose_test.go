@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -26,16 +27,27 @@ func TestExplainDialError(t *testing.T) {
 	defer cancel()
 
 	a := newTestHost(t, Config{SwarmKeyFile: keyA})
-	b := newTestHost(t, Config{SwarmKeyFile: keyB})
-	err := a.Connect(ctx, addrInfo(t, b, isTCP))
-	if got := ExplainDialError(err); !strings.Contains(got, "swarm keys differ") {
-		t.Errorf("different swarm keys: ExplainDialError(%v) = %q, want it to say the swarm keys differ", err, got)
+	for _, tt := range []struct {
+		name string
+		from host.Host
+		cfg  Config
+	}{
+		{name: "different swarm keys", from: a, cfg: Config{SwarmKeyFile: keyB}},
+		{name: "listener without a key", from: a, cfg: Config{}},
+		{name: "dialer without a key", from: newTestHost(t, Config{}), cfg: Config{SwarmKeyFile: keyA}},
+		{name: "pnet on the listener only", from: a, cfg: Config{SwarmKeyFile: keyA, PrivateNetwork: true}},
+	} {
+		b := newTestHost(t, tt.cfg)
+		err := tt.from.Connect(ctx, addrInfo(t, b, isTCP))
+		if got := ExplainDialError(err); !strings.Contains(got, "swarm keys differ") {
+			t.Errorf("%s: ExplainDialError(%v) = %q, want it to say the swarm keys differ", tt.name, err, got)
+		}
 	}
 
 	c := newTestHost(t, Config{SwarmKeyFile: keyA})
 	other := newTestHost(t, Config{SwarmKeyFile: keyA})
 	ai := addrInfo(t, c, isTCP)
-	err = a.Connect(ctx, peer.AddrInfo{ID: other.ID(), Addrs: ai.Addrs})
+	err := a.Connect(ctx, peer.AddrInfo{ID: other.ID(), Addrs: ai.Addrs})
 	if got := ExplainDialError(err); !strings.Contains(got, "another peer ID answers") {
 		t.Errorf("wrong peer ID: ExplainDialError(%v) = %q, want it to say another peer ID answers", err, got)
 	}

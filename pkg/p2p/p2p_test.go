@@ -119,7 +119,10 @@ func TestConnect(t *testing.T) {
 		{name: "same swarm key over TCP", dialer: Config{SwarmKeyFile: keyA}, listener: Config{SwarmKeyFile: keyA}, addrs: isTCP, wantOK: true},
 		{name: "open network over QUIC", addrs: isQUICs, wantOK: true},
 		{name: "open network over TCP", addrs: isTCP, wantOK: true},
+		{name: "same swarm key with pnet", dialer: Config{SwarmKeyFile: keyA, PrivateNetwork: true}, listener: Config{SwarmKeyFile: keyA, PrivateNetwork: true}, addrs: isTCP, wantOK: true},
 		{name: "different swarm keys", dialer: Config{SwarmKeyFile: keyA}, listener: Config{SwarmKeyFile: keyB}, addrs: isTCP},
+		{name: "different swarm keys with pnet", dialer: Config{SwarmKeyFile: keyA, PrivateNetwork: true}, listener: Config{SwarmKeyFile: keyB, PrivateNetwork: true}, addrs: isTCP},
+		{name: "pnet on one side only", dialer: Config{SwarmKeyFile: keyA, PrivateNetwork: true}, listener: Config{SwarmKeyFile: keyA}, addrs: isTCP},
 		{name: "dialer without swarm key", listener: Config{SwarmKeyFile: keyA}, addrs: isTCP},
 		{name: "listener without swarm key", dialer: Config{SwarmKeyFile: keyA}, addrs: isTCP},
 	}
@@ -196,6 +199,7 @@ func TestNewHostConfigErrors(t *testing.T) {
 		{name: "missing swarm key file", cfg: Config{SwarmKeyFile: filepath.Join(dir, "absent.key")}},
 		{name: "malformed swarm key", cfg: Config{SwarmKeyFile: bad}},
 		{name: "malformed identity", cfg: Config{IdentityFile: notKey}},
+		{name: "pnet without swarm key", cfg: Config{PrivateNetwork: true}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -65,6 +65,10 @@ type Config struct {
 	// any one asker staying.
 	Timeout time.Duration
 	Now     func() time.Time
+	// OnGrant, when set, hears of each manifest upstream has just given
+	// to credentials in a repository (the supernode's access checker
+	// records it and the blobs it names, so seeding them needs no HEAD).
+	OnGrant func(registry, repo, digest, authorization string, body []byte)
 }
 
 // Service answers manifest requests.
@@ -279,6 +283,7 @@ func (s *Service) resolveTag(ctx context.Context, reg upstream.Registry, repo, t
 	s.putTag(tagKey(reg.Host, repo, tag, cred), tagEntry{ans.Digest, now})
 	s.putGrant(grantKey(reg.Host, repo, ans.Digest, cred), now)
 	s.mu.Unlock()
+	s.onGrant(reg, repo, ans, authz)
 	if err := s.cache.PutTag(reg.Host, repo, tag, ans.Digest); err != nil {
 		s.log.Warn("remember tag", zap.String("tag", tag), zap.Error(err))
 	}
@@ -332,6 +337,7 @@ func (s *Service) byDigest(ctx context.Context, reg upstream.Registry, repo, dig
 			ans, err := s.fetch(ctx, reg, repo, digest, authz)
 			if err == nil {
 				s.grant(gkey)
+				s.onGrant(reg, repo, ans, authz)
 			}
 			return ans, err
 		})
@@ -351,6 +357,7 @@ func (s *Service) byDigest(ctx context.Context, reg upstream.Registry, repo, dig
 		}
 		resp.Body.Close()
 		s.grant(gkey)
+		s.onGrant(reg, repo, &Answer{Digest: digest, Manifest: m}, authz)
 		return &Answer{Digest: digest}, nil
 	})
 	if err != nil {
@@ -379,6 +386,12 @@ func (s *Service) staleTag(reg upstream.Registry, repo, tag, cred string) *Answe
 		return nil
 	}
 	return &Answer{Digest: e.digest, Manifest: m, Stale: true}
+}
+
+func (s *Service) onGrant(reg upstream.Registry, repo string, ans *Answer, authz string) {
+	if s.cfg.OnGrant != nil {
+		s.cfg.OnGrant(reg.Host, repo, ans.Digest, authz, ans.Manifest.Body)
+	}
 }
 
 func (s *Service) grant(key string) {
