@@ -29,7 +29,7 @@ type Sched struct {
 	peers    map[peer.ID]*peerState
 	byStr    map[string]*peerState // by encoded ID, so known peers are not decoded again
 	list     []*peerState          // peers in the order they were learned
-	holders  []int                 // per piece: usable (not banned) peers holding it
+	holders  [][]*peerState        // per piece: usable (not banned) peers holding it, in the order they got it
 	inflight [][]peer.ID           // per piece: peers it is being fetched from
 	running  int
 	order    []int // a random permutation: ties in rarity break randomly
@@ -122,7 +122,7 @@ func NewSched(cfg SchedConfig, self peer.ID, size, pieceSize int64, rng *rand.Ra
 	}
 	return &Sched{
 		cfg: cfg, self: self, size: size, pieceSize: pieceSize, count: n,
-		peers: map[peer.ID]*peerState{}, byStr: map[string]*peerState{}, holders: make([]int, n), inflight: make([][]peer.ID, n),
+		peers: map[peer.ID]*peerState{}, byStr: map[string]*peerState{}, holders: make([][]*peerState, n), inflight: make([][]peer.ID, n),
 		order: rng.Perm(n), progress: now,
 	}
 }
@@ -183,9 +183,9 @@ func (s *Sched) setHave(ps *peerState, have piece.Bitmap) {
 		for i := range s.count {
 			if a, b := ps.have.Has(i), have.Has(i); a != b {
 				if b {
-					s.holders[i]++
+					s.holders[i] = append(s.holders[i], ps)
 				} else {
-					s.holders[i]--
+					s.holders[i] = dropPeer(s.holders[i], ps)
 				}
 			}
 		}
@@ -200,7 +200,7 @@ func (s *Sched) ban(ps *peerState) {
 	}
 	for i := range s.count {
 		if ps.have.Has(i) {
-			s.holders[i]--
+			s.holders[i] = dropPeer(s.holders[i], ps)
 		}
 	}
 	ps.banned = true
@@ -253,7 +253,7 @@ func (s *Sched) Next(now time.Time, have *piece.Bitmap, waiting int) (Fetch, boo
 		if len(s.inflight[i]) > 0 {
 			continue
 		}
-		rarity := s.holders[i]
+		rarity := len(s.holders[i])
 		if rarity > 0 {
 			s.sourced = true
 		}
@@ -298,21 +298,20 @@ func (s *Sched) readerSlots(w int) int {
 	return n
 }
 
-// peerFor picks the least loaded usable peer that has piece i, the first
-// learned among equals. Agents are preferred over the seed: its upload is
-// the swarm's scarcest resource, used only when no agent can serve the
-// piece right now.
+// peerFor picks the least loaded usable peer that has piece i, the
+// earliest holder among equals. Agents are preferred over the seed: its
+// upload is the swarm's scarcest resource, used only when no agent can
+// serve the piece right now.
 func (s *Sched) peerFor(i int, now time.Time, exclude []peer.ID) (peer.ID, bool) {
 	var best peer.ID
 	bestLoad := 1 << 30
 outer:
-	for _, ps := range s.list {
-		id := ps.id
-		if ps.banned || ps.inflight >= s.cfg.PerPeer || now.Before(ps.cooldown) || !ps.have.Has(i) {
+	for _, ps := range s.holders[i] {
+		if ps.inflight >= s.cfg.PerPeer || now.Before(ps.cooldown) {
 			continue
 		}
 		for _, x := range exclude {
-			if x == id {
+			if x == ps.id {
 				continue outer
 			}
 		}
@@ -321,10 +320,22 @@ outer:
 			load += 1 << 20
 		}
 		if load < bestLoad {
-			best, bestLoad = id, load
+			best, bestLoad = ps.id, load
+			if load == 0 {
+				break // nobody is less loaded than idle
+			}
 		}
 	}
 	return best, best != ""
+}
+
+func dropPeer(list []*peerState, ps *peerState) []*peerState {
+	for k, x := range list {
+		if x == ps {
+			return append(list[:k], list[k+1:]...)
+		}
+	}
+	return list
 }
 
 // Done takes in how fetch f ended at now.

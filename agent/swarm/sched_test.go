@@ -226,8 +226,8 @@ func TestSchedUnavailableClaimCountsAgainstThePeer(t *testing.T) {
 		f := Fetch{k, stale}
 		s.Start(f)
 		s.Done(now, f, Unavailable)
-		if s.holders[f.Piece] != 1 {
-			t.Fatalf("piece %d has %d holders after the stale claim, want 1 (the seed)", f.Piece, s.holders[f.Piece])
+		if len(s.holders[f.Piece]) != 1 {
+			t.Fatalf("piece %d has %d holders after the stale claim, want 1 (the seed)", f.Piece, len(s.holders[f.Piece]))
 		}
 		now = now.Add(time.Second) // past any cooldown
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"runtime"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -212,6 +213,10 @@ func (s *sim) run() {
 			s.after(int64(s.rng.Float64()*tmin*1e9), a.leave)
 		}
 	}
+	// One OS thread for the whole loop, so that thread CPU time measures
+	// the tracker's calls.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	wallStart := time.Now()
 	lastReport := wallStart
 	limit := int64(s.cfg.Limit)

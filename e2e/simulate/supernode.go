@@ -58,9 +58,9 @@ func (sn *supernode) runJob(job func() time.Duration) {
 // measure runs one call of the real tracker code and returns what it is
 // charged.
 func (sn *supernode) measure(call func()) time.Duration {
-	t0 := time.Now()
+	t0 := threadCPU()
 	call()
-	d := time.Since(t0)
+	d := threadCPU() - t0
 	sn.s.trackerCPU += d
 	if sn.s.cfg.TrackerCost > 0 {
 		return sn.s.cfg.TrackerCost
