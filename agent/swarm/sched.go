@@ -33,6 +33,7 @@ type Sched struct {
 	inflight [][]peer.ID           // per piece: peers it is being fetched from
 	running  int
 	order    []int // a random permutation: ties in rarity break randomly
+	rng      *rand.Rand
 
 	progress   time.Time // last piece completed (or a wait that is not a stall)
 	lastData   time.Time // last piece bytes received
@@ -123,7 +124,7 @@ func NewSched(cfg SchedConfig, self peer.ID, size, pieceSize int64, rng *rand.Ra
 	return &Sched{
 		cfg: cfg, self: self, size: size, pieceSize: pieceSize, count: n,
 		peers: map[peer.ID]*peerState{}, byStr: map[string]*peerState{}, holders: make([][]*peerState, n), inflight: make([][]peer.ID, n),
-		order: rng.Perm(n), progress: now,
+		order: rng.Perm(n), rng: rng, progress: now,
 	}
 }
 
@@ -304,7 +305,7 @@ func (s *Sched) readerSlots(w int) int {
 // serve the piece right now.
 func (s *Sched) peerFor(i int, now time.Time, exclude []peer.ID) (peer.ID, bool) {
 	var best peer.ID
-	bestLoad := 1 << 30
+	bestLoad, ties := 1<<30, 0
 outer:
 	for _, ps := range s.holders[i] {
 		if ps.inflight >= s.cfg.PerPeer || now.Before(ps.cooldown) {
@@ -319,10 +320,15 @@ outer:
 		if ps.seed {
 			load += 1 << 20
 		}
-		if load < bestLoad {
-			best, bestLoad = ps.id, load
-			if load == 0 {
-				break // nobody is less loaded than idle
+		switch {
+		case load < bestLoad:
+			best, bestLoad, ties = ps.id, load, 1
+		case load == bestLoad:
+			// Equals are chosen uniformly (reservoir sampling): agents
+			// that all see the same holders do not all pick the same one.
+			ties++
+			if s.rng.IntN(ties) == 0 {
+				best = ps.id
 			}
 		}
 	}

@@ -75,21 +75,25 @@ func newPort(bytesPerSec int64) *port {
 	return &port{cap: float64(bytesPerSec)}
 }
 
-// flow is a transfer from one node's up port to another's down port. Its
-// rate is the smaller of its equal shares at both ends; it changes only
-// when a flow starts or ends at one of its two ports, so only the flows
-// touching those two ports are recomputed.
+// flow is a transfer from one node's up port to another's down port.
+// Rates are max-min fair, computed locally: each port water-fills its
+// capacity among its flows, each flow asking for what its other end gave
+// it, and a flow runs at the smaller of its two shares. Only the two ports
+// whose flow set changed are refilled, so a start or an end costs the
+// flows of two ports, not the whole network; shares never sum above a
+// port's capacity, so no link is ever oversubscribed.
 type flow struct {
-	src, dst *port
-	size     float64
-	left     float64
-	rate     float64 // bytes/s
-	last     int64   // when left was last brought up to date
-	ver      uint32  // bumps on each rate change: stale completion events are ignored
-	si, di   int     // positions in src.flows and dst.flows
-	done     func()
-	fail     func()
-	over     bool
+	src, dst       *port
+	size           float64
+	left           float64
+	rate           float64 // bytes/s
+	sShare, dShare float64 // what the src and dst ports allot it
+	last           int64   // when left was last brought up to date
+	ver            uint32  // bumps on each rate change: stale completion events are ignored
+	si, di         int     // positions in src.flows and dst.flows
+	done           func()
+	fail           func()
+	over           bool
 }
 
 func (s *sim) startFlow(src, dst *port, bytes int64, done, fail func()) *flow {
@@ -98,21 +102,70 @@ func (s *sim) startFlow(src, dst *port, bytes int64, done, fail func()) *flow {
 	src.flows = append(src.flows, f)
 	f.di = len(dst.flows)
 	dst.flows = append(dst.flows, f)
-	s.reflow(src)
-	s.reflow(dst)
+	s.changed(src, dst)
 	return f
 }
 
-func (s *sim) reflow(p *port) {
-	for _, f := range p.flows {
+// changed refills the two ports whose flow sets changed and updates the
+// rates of their flows.
+func (s *sim) changed(src, dst *port) {
+	s.fill(src, true)
+	s.fill(dst, false)
+	for _, f := range src.flows {
 		s.rerate(f)
 	}
+	for _, f := range dst.flows {
+		s.rerate(f)
+	}
+}
+
+// ask is one flow's demand on a port being filled.
+type ask struct {
+	f      *flow
+	demand float64
+}
+
+// fill water-fills p's capacity among its flows: each asks for its share
+// at its other end (an equal split there if it has none yet).
+func (s *sim) fill(p *port, isSrc bool) {
+	n := len(p.flows)
+	if n == 0 {
+		return
+	}
+	asks := s.asks[:0]
+	for _, f := range p.flows {
+		other, share := f.dst, f.dShare
+		if !isSrc {
+			other, share = f.src, f.sShare
+		}
+		if share <= 0 {
+			share = other.cap / float64(len(other.flows))
+		}
+		asks = append(asks, ask{f, share})
+	}
+	// Insertion sort: a port has a handful of flows.
+	for i := 1; i < len(asks); i++ {
+		for j := i; j > 0 && asks[j].demand < asks[j-1].demand; j-- {
+			asks[j], asks[j-1] = asks[j-1], asks[j]
+		}
+	}
+	left := p.cap
+	for k, a := range asks {
+		give := math.Min(a.demand, left/float64(n-k))
+		left -= give
+		if isSrc {
+			a.f.sShare = give
+		} else {
+			a.f.dShare = give
+		}
+	}
+	s.asks = asks[:0]
 }
 
 func (s *sim) rerate(f *flow) {
 	f.left -= f.rate * float64(s.now-f.last) / 1e9
 	f.last = s.now
-	r := math.Min(f.src.cap/float64(len(f.src.flows)), f.dst.cap/float64(len(f.dst.flows)))
+	r := math.Min(f.sShare, f.dShare)
 	if r == f.rate {
 		return
 	}
@@ -143,8 +196,7 @@ func (s *sim) endFlow(f *flow, completed bool) {
 	f.dst.moved += moved
 	detach(&f.src.flows, f.si, func(g *flow, i int) { g.si = i })
 	detach(&f.dst.flows, f.di, func(g *flow, i int) { g.di = i })
-	s.reflow(f.src)
-	s.reflow(f.dst)
+	s.changed(f.src, f.dst)
 	if completed {
 		if f.done != nil {
 			f.done()

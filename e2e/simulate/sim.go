@@ -88,6 +88,7 @@ type sim struct {
 	byID     map[peer.ID]*node
 	registry *port
 	zero     []byte
+	asks     []ask // scratch for fill
 
 	outcomes        [swarm.Failed + 1]int64
 	trackerRequests int64
