@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -144,6 +145,9 @@ type Agent struct {
 	log        *zap.Logger
 }
 
+// withdrawTimeout bounds telling the tracker a blob is gone.
+const withdrawTimeout = 30 * time.Second
+
 // New builds an agent from its configuration; Close releases it.
 func New(cfg Config, log *zap.Logger) (*Agent, error) {
 	if err := cfg.Validate(); err != nil {
@@ -153,7 +157,24 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := store.Open(store.Options{Dir: cfg.DataDir, QuotaBytes: int64(cfg.CacheSize)}, log.Named("store"))
+	// A blob the store evicts or quarantines is withdrawn from the swarm,
+	// so that peers stop asking this node for it (the swarm exists only
+	// once the store does).
+	var withdraw atomic.Pointer[swarm.Swarm]
+	onRemove := func(digest string) {
+		sw := withdraw.Load()
+		if sw == nil {
+			return
+		}
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), withdrawTimeout)
+			defer cancel()
+			if err := sw.Withdraw(ctx, digest); err != nil {
+				log.Debug("withdraw removed blob from the tracker", zap.String("digest", digest), zap.Error(err))
+			}
+		}()
+	}
+	st, err := store.Open(store.Options{Dir: cfg.DataDir, QuotaBytes: int64(cfg.CacheSize), OnRemove: onRemove}, log.Named("store"))
 	if err != nil {
 		return nil, err
 	}
@@ -170,6 +191,7 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 			return nil, err
 		}
 		a.host, a.swarm, filler = h, sw, sw
+		withdraw.Store(sw)
 		source = manifests.New(h, supernodeIDs(cfg.Supernodes.Values), log.Named("manifests"))
 		a.checks = append(a.checks, metrics.Check{Name: "supernode", Check: a.supernodeReachable(cfg)})
 	}

@@ -464,6 +464,10 @@ func (p *Proxy) serveBlob(w http.ResponseWriter, r *http.Request, reg upstream.R
 		if r.Context().Err() != nil {
 			return ocierr.New(499, ocierr.Unknown, "client went away")
 		}
+		if errors.Is(err, store.ErrDiskFull) {
+			p.log.Warn("blob not fetched: data disk full", zap.String("digest", route.Ref), zap.Error(err))
+			return ocierr.New(http.StatusInsufficientStorage, ocierr.Unavailable, "the mirror's data disk is full")
+		}
 		p.log.Warn("open blob", zap.String("digest", route.Ref), zap.Error(err))
 		return ocierr.New(http.StatusBadGateway, ocierr.Unavailable, "blob could not be fetched")
 	}

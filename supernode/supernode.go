@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
@@ -144,7 +145,15 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := store.Open(store.Options{Dir: cfg.DataDir, QuotaBytes: int64(cfg.CacheSize)}, log.Named("store"))
+	// A blob the store evicts or quarantines stops being seeded from here
+	// (the tracker exists only once the store does).
+	var seedGone atomic.Pointer[tracker.Tracker]
+	onRemove := func(digest string) {
+		if tr := seedGone.Load(); tr != nil {
+			tr.SeedGone(digest)
+		}
+	}
+	st, err := store.Open(store.Options{Dir: cfg.DataDir, QuotaBytes: int64(cfg.CacheSize), OnRemove: onRemove}, log.Named("store"))
 	if err != nil {
 		return nil, err
 	}
@@ -163,6 +172,7 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 		return nil, err
 	}
 	tr := tracker.New(tracker.Config{}, h, log.Named("tracker"))
+	seedGone.Store(tr)
 	acc := access.New(up, time.Duration(cfg.AuthTTL), nil)
 	tr.SetAuthorizer(authorizer(regs, acc))
 	sd := seed.New(st, up, regs, tr, int64(cfg.PieceSize), time.Duration(cfg.FetchTimeout), log.Named("seed"))

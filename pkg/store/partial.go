@@ -73,6 +73,16 @@ func (s *Store) OpenPartial(digest string, size, pieceSize int64) (*Partial, err
 	if pieceSize <= 0 {
 		pieceSize = piece.DefaultSize
 	}
+	// A blob file takes its whole size on disk at once (see allocate):
+	// make room for it first, evicting if need be, outside s.mu.
+	s.mu.Lock()
+	_, live := s.partials[digest]
+	s.mu.Unlock()
+	if !live && !s.Has(digest) {
+		if err := s.makeRoom(digest, size-allocated(s.partialPath(hexd))); err != nil {
+			return nil, fmt.Errorf("open partial %s: %w", digest, err)
+		}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if p, ok := s.partials[digest]; ok {
@@ -125,8 +135,11 @@ func (s *Store) OpenPartial(digest string, size, pieceSize int64) (*Partial, err
 	if err != nil {
 		return nil, fmt.Errorf("open partial file for %s: %w", digest, err)
 	}
-	if err := f.Truncate(size); err != nil {
+	if err := allocate(f, size); err != nil {
 		f.Close()
+		if have.Count() == 0 {
+			_ = os.Remove(path)
+		}
 		return nil, fmt.Errorf("size partial file for %s: %w", digest, err)
 	}
 	m.Have = have.Bytes()

@@ -15,7 +15,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -39,21 +38,34 @@ type Options struct {
 	QuotaBytes int64
 	// Now is the clock (for LRU times); nil means time.Now.
 	Now func() time.Time
+	// ReserveBytes is the free space on the data filesystem that blob
+	// files never take, kept for badger's metadata writes (see
+	// DefaultReserve, the value 0 selects). Negative: no reserve and no
+	// free-space checks.
+	ReserveBytes int64
+	// OnRemove, when set, is called with the digest of a complete blob
+	// after it was evicted or quarantined (never for a commit), outside the
+	// store's locks; it must not block (the agent withdraws the blob from
+	// the swarm, the supernode stops seeding it).
+	OnRemove func(digest string)
 }
 
 // Store is the blob and metadata store of one agent or supernode.
 type Store struct {
-	dir   string
-	db    *badger.DB
-	quota int64
-	now   func() time.Time
-	log   *zap.Logger
+	dir      string
+	db       *badger.DB
+	quota    int64
+	reserve  int64
+	onRemove func(digest string)
+	now      func() time.Time
+	log      *zap.Logger
 
 	mu       sync.Mutex
 	partials map[string]*Partial // live partial blobs by digest
 	used     int64               // bytes of complete blobs
 	deleteMu sync.Mutex          // one Delete at a time: check, remove and count as one step
-	evicted  atomic.Int64        // blobs evicted to keep the quota (for metrics)
+	evicted  atomic.Int64        // blobs evicted to keep the quota or make room (for metrics)
+	roomMu   sync.Mutex          // one makeRoom at a time: check, evict and allocate as one step
 }
 
 // blobMeta is the badger record of one blob.
@@ -101,7 +113,12 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 	if now == nil {
 		now = time.Now
 	}
-	s := &Store{dir: opts.Dir, db: db, quota: opts.QuotaBytes, now: now, log: log, partials: map[string]*Partial{}}
+	reserve := opts.ReserveBytes
+	if reserve == 0 {
+		reserve = DefaultReserve
+	}
+	s := &Store{dir: opts.Dir, db: db, quota: opts.QuotaBytes, reserve: reserve, onRemove: opts.OnRemove, now: now, log: log,
+		partials: map[string]*Partial{}}
 	if err := s.recover(); err != nil {
 		db.Close()
 		return nil, err
@@ -221,12 +238,14 @@ func (s *Store) putMeta(digest string, m blobMeta) error {
 	if err != nil {
 		return err
 	}
-	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Set([]byte(prefixBlob+digest), v) }); err != nil {
+	if err := s.update(func(txn *badger.Txn) error { return txn.Set([]byte(prefixBlob+digest), v) }); err != nil {
 		return fmt.Errorf("write record of %s: %w", digest, err)
 	}
 	return nil
 }
 
+// deleteMeta runs even on a full disk (no free-space check): the caller
+// has removed the file first, and a delete is a few bytes of log.
 func (s *Store) deleteMeta(digest string) error {
 	err := s.db.Update(func(txn *badger.Txn) error {
 		if err := txn.Delete([]byte(prefixBlob + digest)); err != nil {
@@ -318,37 +337,11 @@ func (s *Store) evict(keep string) {
 	if s.quota <= 0 || s.Used() <= s.quota {
 		return
 	}
-	type entry struct {
-		digest string
-		last   int64
-	}
-	var lru []entry
-	_ = s.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte(prefixBlob), PrefetchValues: true})
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			var m blobMeta
-			if it.Item().Value(func(v []byte) error { return json.Unmarshal(v, &m) }) != nil || !m.Complete {
-				continue
-			}
-			lru = append(lru, entry{strings.TrimPrefix(string(it.Item().Key()), prefixBlob), m.LastAccess})
-		}
-		return nil
-	})
-	sort.Slice(lru, func(i, j int) bool { return lru[i].last < lru[j].last })
-	for _, e := range lru {
+	for _, e := range s.lru(keep) {
 		if s.Used() <= s.quota {
 			return
 		}
-		if e.digest == keep {
-			continue
-		}
-		if err := s.Delete(e.digest); err != nil {
-			s.log.Warn("evict blob", zap.String("digest", e.digest), zap.Error(err))
-			continue
-		}
-		s.evicted.Add(1)
-		s.log.Info("evicted blob", zap.String("digest", e.digest), zap.Int64("used", s.Used()), zap.Int64("quota", s.quota))
+		s.evictOne(e.digest, "over quota")
 	}
 }
 
@@ -369,7 +362,7 @@ func (s *Store) PutMetainfo(m *piece.Metainfo) error {
 	if err != nil {
 		return fmt.Errorf("encode metainfo of %s: %w", m.Digest, err)
 	}
-	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Set([]byte(prefixMetainfo+m.Digest), v) }); err != nil {
+	if err := s.update(func(txn *badger.Txn) error { return txn.Set([]byte(prefixMetainfo+m.Digest), v) }); err != nil {
 		return fmt.Errorf("write metainfo of %s: %w", m.Digest, err)
 	}
 	return nil
@@ -420,7 +413,7 @@ func (s *Store) put(key string, v any) error {
 	if err != nil {
 		return fmt.Errorf("encode %s: %w", key, err)
 	}
-	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Set([]byte(key), b) }); err != nil {
+	if err := s.update(func(txn *badger.Txn) error { return txn.Set([]byte(key), b) }); err != nil {
 		return fmt.Errorf("write %s: %w", key, err)
 	}
 	return nil
