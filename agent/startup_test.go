@@ -83,3 +83,47 @@ func TestStartupCheckSaysWhatIsWrong(t *testing.T) {
 		t.Errorf("supernode on another swarm key: %v, want the cause to say the swarm keys differ", m)
 	}
 }
+
+// TestOneInfoLinePerFilledBlob: a pull that succeeds says so at info, one
+// line per blob filled, with its size, where the bytes came from and how
+// long it took.
+func TestOneInfoLinePerFilledBlob(t *testing.T) {
+	up := testregistry.New(t)
+	img := up.Push(t, "app:v1", 2, 64<<10)
+	cfg := agent.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.Registries = config.Strings{Values: []string{up.URL()}}
+	cfg.Prefetch = false
+	core, logs := observer.New(zapcore.InfoLevel)
+	a, err := agent.New(cfg, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mirror := httptest.NewServer(a.Handler())
+	defer func() { mirror.Close(); a.Close() }()
+	pull(t, mirror, "app:v1")
+	pull(t, mirror, "app:v1") // served from the store: no more lines
+
+	sizes := map[string]int64{}
+	layers, _ := img.Layers()
+	for _, l := range layers {
+		sizes[must(l.Digest()).String()] = must(l.Size())
+	}
+	cfgName, _ := img.ConfigName()
+	cfgBytes, _ := img.RawConfigFile()
+	sizes[cfgName.String()] = int64(len(cfgBytes))
+
+	lines := logs.FilterMessage("blob filled").All()
+	if len(lines) != len(sizes) {
+		t.Fatalf("%d 'blob filled' lines, want %d (one per blob); logs: %v", len(lines), len(sizes), logs.All())
+	}
+	for _, e := range lines {
+		m := e.ContextMap()
+		d, _ := m["digest"].(string)
+		want, ok := sizes[d]
+		if !ok || m["bytes"] != want || m["from_upstream"] != want || m["from_peers"] != int64(0) || m["from_seed"] != int64(0) || m["elapsed"] == nil {
+			t.Errorf("line %v, want digest of a blob, bytes=from_upstream=%d, nothing from peers or seed, elapsed", m, want)
+		}
+		delete(sizes, d)
+	}
+}

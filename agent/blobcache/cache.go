@@ -145,7 +145,8 @@ func (c *Cache) run(j *job, req registryproxy.BlobRequest) {
 		}
 	}()
 	start := time.Now()
-	err := c.filler.Fill(ctx, req, func(p *store.Partial) {
+	src := &Sources{}
+	err := c.filler.Fill(WithSources(ctx, src), req, func(p *store.Partial) {
 		c.mu.Lock()
 		p.Retain() // the job's own reference, dropped when it ends
 		j.p = p
@@ -164,7 +165,17 @@ func (c *Cache) run(j *job, req registryproxy.BlobRequest) {
 	if err != nil {
 		c.log.Warn("blob fill failed", zap.String("digest", req.Digest), zap.String("registry", req.Registry.Host),
 			zap.String("repo", req.Repo), zap.Duration("elapsed", time.Since(start)), zap.Error(err))
+		return
 	}
+	if p == nil {
+		return // complete before this fill started: nothing was fetched
+	}
+	// One line per blob brought in, so an operator sees Starling working
+	// and where each blob came from.
+	fromUp, fromPeers, fromSeed := src.Split()
+	c.log.Info("blob filled", zap.String("digest", req.Digest), zap.String("registry", req.Registry.Host),
+		zap.String("repo", req.Repo), zap.Int64("bytes", p.Size()), zap.Int64("from_upstream", fromUp),
+		zap.Int64("from_peers", fromPeers), zap.Int64("from_seed", fromSeed), zap.Duration("elapsed", time.Since(start)))
 }
 
 // Close cancels running fills and waits for them to end; their partial

@@ -58,7 +58,7 @@ func (o *Origin) Fill(ctx context.Context, req registryproxy.BlobRequest, starte
 	if err := p.Commit(); err != nil {
 		return fmt.Errorf("commit %s from %s: %w", req.Digest, req.Registry.Host, err)
 	}
-	o.Log.Info("fetched blob from upstream", zap.String("registry", req.Registry.Host), zap.String("repo", req.Repo),
+	o.Log.Debug("fetched blob from upstream", zap.String("registry", req.Registry.Host), zap.String("repo", req.Repo),
 		zap.String("digest", req.Digest), zap.Int64("size", p.Size()), zap.Duration("elapsed", time.Since(start)))
 	return nil
 }
@@ -107,6 +107,7 @@ func (o *Origin) fetch(ctx context.Context, req registryproxy.BlobRequest, start
 	before := p.Offset()
 	err = p.Append(body, nil)
 	o.fromUpstream.Add(p.Offset() - before)
+	SourcesFrom(ctx).AddUpstream(p.Offset() - before)
 	if err != nil {
 		return p, fmt.Errorf("fetch %s from %s: %w", req.Digest, req.Registry.Host, err)
 	}
@@ -162,7 +163,7 @@ func (o *Origin) FetchPieces(ctx context.Context, req registryproxy.BlobRequest,
 		body, err := skipTo(resp, first)
 		body = o.Download.Reader(ctx, body)
 		if err == nil {
-			err = o.readPieces(body, p, i, j, cids, buf)
+			err = o.readPieces(body, p, i, j, cids, buf, SourcesFrom(ctx))
 		}
 		resp.Body.Close()
 		if err != nil {
@@ -173,7 +174,7 @@ func (o *Origin) FetchPieces(ctx context.Context, req registryproxy.BlobRequest,
 	return nil
 }
 
-func (o *Origin) readPieces(body io.Reader, p *store.Partial, from, to int, cids []cid.Cid, buf []byte) error {
+func (o *Origin) readPieces(body io.Reader, p *store.Partial, from, to int, cids []cid.Cid, buf []byte, src *Sources) error {
 	for k := from; k < to; k++ {
 		_, length := piece.Bounds(k, p.Size(), p.PieceSize())
 		data := buf[:length]
@@ -189,6 +190,7 @@ func (o *Origin) readPieces(body io.Reader, p *store.Partial, from, to int, cids
 			return err
 		}
 		o.fromUpstream.Add(length)
+		src.AddUpstream(length)
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/ipfs/go-cid"
 	"go.uber.org/zap"
 
+	"github.com/starling-oci/starling/agent/blobcache"
 	"github.com/starling-oci/starling/pkg/piece"
 	"github.com/starling-oci/starling/pkg/pieceserver"
 	"github.com/starling-oci/starling/pkg/swarmproto"
@@ -26,6 +27,7 @@ type download struct {
 	p     PieceStore
 	count int
 	sched *Sched
+	src   *blobcache.Sources // this fill's byte split (nil: not counted)
 
 	cids     []cid.Cid
 	lastData atomic.Int64 // unix nanos of the last piece bytes received
@@ -304,8 +306,10 @@ func (d *download) finish(r result) error {
 		d.sched.Done(now, r.f, Got)
 		if d.sched.peers[r.f.From].seed {
 			d.s.fromSeed.Add(int64(len(r.data)))
+			d.src.AddSeed(int64(len(r.data)))
 		} else {
 			d.s.fromPeers.Add(int64(len(r.data)))
+			d.src.AddPeers(int64(len(r.data)))
 		}
 	case errors.Is(r.err, pieceserver.ErrCorrupt):
 		d.sched.Done(now, r.f, Corrupt)

@@ -203,6 +203,7 @@ func (s *Swarm) Fill(ctx context.Context, req registryproxy.BlobRequest, started
 	var d *download
 	for {
 		d = newDownload(s, tr, req, p)
+		d.src = blobcache.SourcesFrom(ctx)
 		err = d.run(ctx, first)
 		var fb *errFallback
 		if !errors.As(err, &fb) {

@@ -227,10 +227,10 @@ func drain(r io.Reader, h hash.Hash) (int64, error) {
 }
 
 // waitFilled waits for the agent's log line saying it has committed the
-// blob fetched from upstream.
+// blob (the one line per fill, after the commit).
 func waitFilled(tb testing.TB, ag *harness.Agent, digest string) {
 	tb.Helper()
-	re := regexp.MustCompile(`"msg":"fetched blob from upstream".*"digest":"` + regexp.QuoteMeta(digest) + `"`)
+	re := regexp.MustCompile(`"msg":"blob filled".*"digest":"` + regexp.QuoteMeta(digest) + `"`)
 	ag.Process().WaitForLog(tb, re, fillWait)
 }
 
