@@ -11,11 +11,14 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peerstore"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
@@ -33,6 +36,7 @@ import (
 	"github.com/starling-oci/starling/pkg/store"
 	"github.com/starling-oci/starling/pkg/upstream"
 	"github.com/starling-oci/starling/supernode/manifests"
+	"github.com/starling-oci/starling/supernode/preheat"
 	"github.com/starling-oci/starling/supernode/seed"
 	"github.com/starling-oci/starling/supernode/tracker"
 )
@@ -59,6 +63,11 @@ type Config struct {
 	HTTPListen   string          `yaml:"http-listen"`
 	// MetricsListen serves /metrics, /livez and /readyz; empty = off.
 	MetricsListen string `yaml:"metrics-listen"`
+	// Preheat (served on HTTPListen).
+	Supernodes       config.Strings `yaml:"supernode"`
+	PreheatTokenFile string         `yaml:"preheat-token-file"`
+	PreheatBasicFile string         `yaml:"preheat-basic-auth-file"`
+	PreheatPlatforms config.Strings `yaml:"preheat-platform"`
 }
 
 // DefaultMetricsListen is the supernode's metrics address (a port apart
@@ -68,16 +77,17 @@ const DefaultMetricsListen = ":9403"
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{
-		P2PListen:     config.Strings{Values: []string{"/ip4/0.0.0.0/tcp/4001"}},
-		DataDir:       "/var/lib/starling/supernode",
-		MaxConns:      p2p.SupernodeConns,
-		MaxUploads:    8,
-		PieceSize:     config.Bytes(piece.DefaultSize),
-		FetchTimeout:  config.Duration(30 * time.Minute),
-		TagTTL:        config.Duration(time.Second),
-		AuthTTL:       config.Duration(5 * time.Minute),
-		LogLevel:      "info",
-		MetricsListen: DefaultMetricsListen,
+		P2PListen:        config.Strings{Values: []string{"/ip4/0.0.0.0/tcp/4001"}},
+		DataDir:          "/var/lib/starling/supernode",
+		MaxConns:         p2p.SupernodeConns,
+		MaxUploads:       8,
+		PieceSize:        config.Bytes(piece.DefaultSize),
+		FetchTimeout:     config.Duration(30 * time.Minute),
+		TagTTL:           config.Duration(time.Second),
+		AuthTTL:          config.Duration(5 * time.Minute),
+		LogLevel:         "info",
+		MetricsListen:    DefaultMetricsListen,
+		PreheatPlatforms: config.Strings{Values: []string{"linux/amd64"}},
 	}
 }
 
@@ -101,6 +111,10 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&c.AddrFile, "addr-file", c.AddrFile, "write the dialable addresses as JSON to this file once listening")
 	fs.StringVar(&c.HTTPListen, "http-listen", c.HTTPListen, "address of the HTTP status server (/healthz, /metrics, /status); empty = none")
+	fs.Var(&c.Supernodes, "supernode", "every supernode's multiaddr with /p2p/<id>, as the agents have them (repeatable; this one's may be listed): preheated blobs go to their owner by rendezvous; none = this supernode seeds all it is asked to preheat")
+	fs.StringVar(&c.PreheatTokenFile, "preheat-token-file", c.PreheatTokenFile, "file holding the bearer token the preheat API requires (Harbor: auth mode OAuth/token)")
+	fs.StringVar(&c.PreheatBasicFile, "preheat-basic-auth-file", c.PreheatBasicFile, "file holding user:password for the preheat API's basic auth (Harbor: auth mode Basic)")
+	fs.Var(&c.PreheatPlatforms, "preheat-platform", "os/arch[/variant] preheated from an image index (repeatable)")
 	fs.StringVar(&c.MetricsListen, "metrics-listen", c.MetricsListen, "address of the metrics and health listener (/metrics, /livez, /readyz); empty = none")
 }
 
@@ -130,6 +144,7 @@ type Supernode struct {
 	seed      *seed.Seed
 	pieces    *pieceserver.Server
 	manifests *manifests.Service
+	preheat   *preheat.Service
 	// for CheckConfig
 	regs *upstream.Set
 	up   *upstream.Client
@@ -185,9 +200,63 @@ func New(cfg Config, log *zap.Logger) (*Supernode, error) {
 	mf := manifests.New(manifests.Config{TagTTL: time.Duration(cfg.TagTTL), AuthTTL: time.Duration(cfg.AuthTTL), OnGrant: acc.AllowManifest},
 		regs, up, st, log.Named("manifests"))
 	mf.Register(h)
-	s := &Supernode{metrics: m, host: h, store: st, tracker: tr, seed: sd, pieces: ps, manifests: mf, regs: regs, up: up, log: log.Named("check")}
+	ph, err := newPreheat(cfg, h, regs, up, sd, log.Named("preheat"))
+	if err != nil {
+		sd.Close()
+		h.Close()
+		st.Close()
+		return nil, err
+	}
+	s := &Supernode{metrics: m, host: h, store: st, tracker: tr, seed: sd, pieces: ps, manifests: mf, preheat: ph, regs: regs, up: up, log: log.Named("check")}
 	s.registerMetrics()
 	return s, nil
+}
+
+// newPreheat builds the preheat API: credentials from their files, the
+// supernode set for routing blobs to their owners.
+func newPreheat(cfg Config, h host.Host, regs *upstream.Set, up *upstream.Client, sd *seed.Seed, log *zap.Logger) (*preheat.Service, error) {
+	pc := preheat.Config{Registries: regs, Upstream: up, Seed: sd, Host: h, Platforms: cfg.PreheatPlatforms.Values, Log: log}
+	if cfg.PreheatTokenFile != "" {
+		b, err := os.ReadFile(cfg.PreheatTokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("--preheat-token-file: %w", err)
+		}
+		if pc.Token = strings.TrimSpace(string(b)); pc.Token == "" {
+			return nil, fmt.Errorf("--preheat-token-file %s is empty", cfg.PreheatTokenFile)
+		}
+	}
+	if cfg.PreheatBasicFile != "" {
+		b, err := os.ReadFile(cfg.PreheatBasicFile)
+		if err != nil {
+			return nil, fmt.Errorf("--preheat-basic-auth-file: %w", err)
+		}
+		var ok bool
+		if pc.User, pc.Password, ok = strings.Cut(strings.TrimSpace(string(b)), ":"); !ok || pc.User == "" || pc.Password == "" {
+			return nil, fmt.Errorf("--preheat-basic-auth-file %s: want user:password", cfg.PreheatBasicFile)
+		}
+	}
+	if cfg.HTTPListen != "" && pc.Token == "" && pc.User == "" {
+		log.Warn("the preheat API on --http-listen has no --preheat-token-file or --preheat-basic-auth-file: anyone who reaches it can make this supernode fetch images")
+	}
+	self := false
+	for _, a := range cfg.Supernodes.Values {
+		ai, err := p2p.ParsePeerAddr(a)
+		if err != nil {
+			return nil, fmt.Errorf("--supernode %q: %w", a, err)
+		}
+		if ai.ID == h.ID() {
+			self = true
+		} else {
+			h.Peerstore().AddAddrs(ai.ID, ai.Addrs, peerstore.PermanentAddrTTL)
+		}
+		pc.Supernodes = append(pc.Supernodes, ai.ID)
+	}
+	if len(pc.Supernodes) > 0 && !self {
+		pc.Supernodes = append(pc.Supernodes, h.ID())
+	}
+	ph := preheat.New(pc)
+	ph.Register()
+	return ph, nil
 }
 
 // registerMetrics registers the values read from the parts at scrape time.
@@ -210,6 +279,12 @@ func (s *Supernode) registerMetrics() {
 	m.CounterFunc("manifest_stale_answers_total", "Tags and manifests answered from the supernode's last resolution while upstream was unavailable.", nil,
 		func() float64 { return float64(s.manifests.Stats().StaleAnswers) })
 	m.CounterFunc("piece_bytes_served_total", "Piece bytes uploaded to agents.", nil, func() float64 { return float64(s.BytesServed()) })
+	for _, result := range []string{"ok", "failed", "invalid", "unauthorized", "forwarded"} {
+		m.CounterFunc("preheat_requests_total", "Preheat requests by result: ok and failed (manifests this supernode handled), invalid and unauthorized (refused notifications), forwarded (blob lists another supernode handed to this one).",
+			map[string]string{"result": result}, func() float64 { r, _ := s.preheat.Counts(); return float64(r[result]) })
+	}
+	m.CounterFunc("preheat_blobs_total", "Blobs preheat handed to their owning supernode's seed.", nil,
+		func() float64 { _, n := s.preheat.Counts(); return float64(n) })
 	m.GaugeFunc("tracked_blobs", "Blobs the tracker holds swarms for.", func() float64 { return float64(len(s.tracker.Status())) })
 	m.GaugeFunc("cache_used_bytes", "Bytes of complete blobs in the supernode's store.", func() float64 { return float64(s.store.Used()) })
 	m.CounterFunc("cache_evictions_total", "Blobs evicted from the store to keep it under --cache-size.", nil, func() float64 { return float64(s.store.Evictions()) })
@@ -252,6 +327,9 @@ func (s *Supernode) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.Handle("/metrics", s.MetricsHandler())
+	// Harbor's Kraken preheat driver and registry notifications.
+	mux.Handle("/health", s.preheat.Handler())
+	mux.Handle("/registry/notifications", s.preheat.Handler())
 	mux.HandleFunc("/status", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(map[string]any{"peer_id": s.host.ID().String(), "addrs": s.Addrs(), "blobs": s.tracker.Status()})
@@ -261,6 +339,7 @@ func (s *Supernode) Handler() http.Handler {
 
 // Close stops the supernode.
 func (s *Supernode) Close() error {
+	s.preheat.Close()
 	s.seed.Close()
 	err := s.host.Close()
 	return errors.Join(err, s.store.Close())

@@ -4,13 +4,17 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -21,6 +25,7 @@ import (
 	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/version"
 	"github.com/starling-oci/starling/supernode"
+	"github.com/starling-oci/starling/supernode/preheat"
 )
 
 const usage = `starling: P2P container image distribution
@@ -29,6 +34,7 @@ Usage:
   starling agent [flags]       run the node agent (registry mirror + swarm peer)
   starling supernode [flags]   run a supernode (tracker + seed)
   starling configure [flags]   point the node's container runtime at its agent
+  starling preheat [flags] IMAGE  have the supernodes seed an image's blobs before a rollout
   starling swarm-key FILE      write a new pre-shared swarm key to FILE (mode 0600)
   starling id FILE             print the peer ID of an identity file, creating it if absent
   starling version             print the version, commit and Go version
@@ -62,6 +68,8 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return runSupernode(ctx, rest, stdout)
 	case "configure":
 		return runConfigure(rest, stdout)
+	case "preheat":
+		return runPreheat(ctx, rest, stdout)
 	case "swarm-key":
 		switch len(rest) {
 		case 0:
@@ -128,6 +136,43 @@ func runConfigure(args []string, stdout io.Writer) error {
 		fmt.Fprintln(stdout, line)
 	}
 	return err
+}
+
+// runPreheat asks a supernode to preheat one image.
+func runPreheat(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("starling preheat", flag.ContinueOnError)
+	fs.SetOutput(stdout)
+	url := fs.String("supernode-url", "http://127.0.0.1:4080", "a supernode's HTTP API (its --http-listen)")
+	tokenFile := fs.String("token-file", "", "file with the bearer token of the preheat API")
+	basicFile := fs.String("basic-auth-file", "", "file with user:password for the preheat API")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return errors.New("usage: starling preheat [--supernode-url URL] [--token-file F | --basic-auth-file F] IMAGE")
+	}
+	var authz string
+	switch {
+	case *tokenFile != "":
+		b, err := os.ReadFile(*tokenFile)
+		if err != nil {
+			return err
+		}
+		authz = "Bearer " + strings.TrimSpace(string(b))
+	case *basicFile != "":
+		b, err := os.ReadFile(*basicFile)
+		if err != nil {
+			return err
+		}
+		authz = "Basic " + base64.StdEncoding.EncodeToString([]byte(strings.TrimSpace(string(b))))
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if err := preheat.Notify(ctx, http.DefaultClient, *url, fs.Arg(0), authz); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "preheat of %s accepted by %s: its blobs are being seeded\n", fs.Arg(0), *url)
+	return nil
 }
 
 // runDaemon loads a long-running command's settings (defaults, YAML,

@@ -30,6 +30,11 @@ type RegistryOptions struct {
 	Users map[string]string
 	// Realm is the basic-auth realm; default "starling-e2e".
 	Realm string
+	// NotifyURL, if set, is a notifications endpoint: the registry POSTs
+	// its event envelopes (distribution's notification format) there,
+	// with NotifyHeaders.
+	NotifyURL     string
+	NotifyHeaders map[string][]string
 }
 
 // Registry is a running distribution registry (docker-registry serve).
@@ -105,6 +110,12 @@ func registryConfig(dir string, opts RegistryOptions) ([]byte, error) {
 			// A fixed secret silences the startup warning about a random one.
 			"secret": "starling-e2e-not-a-secret",
 		},
+	}
+	if opts.NotifyURL != "" {
+		cfg["notifications"] = map[string]any{"endpoints": []any{map[string]any{
+			"name": "starling", "url": opts.NotifyURL, "headers": opts.NotifyHeaders,
+			"timeout": "5s", "threshold": 10, "backoff": "100ms",
+		}}}
 	}
 	if len(opts.Users) > 0 {
 		htpasswd, err := htpasswdFile(opts.Users)

@@ -328,6 +328,13 @@ func TestPeerIDsPinSupernodes(t *testing.T) {
 			t.Errorf("supernode %d: %q, want %s%s (the StatefulSet pod's stable DNS name)", i, s, wantPrefix, ids[i])
 		}
 	}
+	// The supernodes know each other, for preheat routing.
+	scm := find[*corev1.ConfigMap](t, objs, full+"-supernode")
+	scfg := supernode.DefaultConfig()
+	loadConfig(t, scm.Data["supernode.yaml"], &scfg, scfg.BindFlags)
+	if !slices.Equal(scfg.Supernodes.Values, acfg.Supernodes.Values) {
+		t.Errorf("supernodes' --supernode %v, want the agents' %v", scfg.Supernodes.Values, acfg.Supernodes.Values)
+	}
 	if strings.Contains(out["starling/templates/NOTES.txt"], "P2P IS OFF") {
 		t.Error("NOTES say P2P is off with peer IDs set")
 	}
@@ -350,6 +357,7 @@ func TestVariants(t *testing.T) {
 	objs, _ := render(t, map[string]any{
 		"swarmKey":                  map[string]any{"existingSecret": "my-swarm-key"},
 		"registryCredentialsSecret": "my-creds",
+		"preheat":                   map[string]any{"existingSecret": "my-preheat", "basicAuthKey": "basic"},
 		"supernode": map[string]any{
 			"replicas": 3, "identity": map[string]any{"existingSecret": "my-ids"},
 			"podDisruptionBudget": map[string]any{"enabled": false},
@@ -410,7 +418,13 @@ func TestVariants(t *testing.T) {
 			secrets[v.Secret.SecretName] = true
 		}
 	}
-	for _, s := range []string{"my-swarm-key", "my-creds", "my-ids"} {
+	scm := find[*corev1.ConfigMap](t, objs, full+"-supernode")
+	scfg := supernode.DefaultConfig()
+	loadConfig(t, scm.Data["supernode.yaml"], &scfg, scfg.BindFlags)
+	if scfg.PreheatTokenFile != "/etc/starling/preheat/token" || scfg.PreheatBasicFile != "/etc/starling/preheat/basic" {
+		t.Errorf("supernode preheat credentials: token %q, basic %q", scfg.PreheatTokenFile, scfg.PreheatBasicFile)
+	}
+	for _, s := range []string{"my-swarm-key", "my-creds", "my-ids", "my-preheat"} {
 		if !secrets[s] {
 			t.Errorf("no volume from Secret %s (have %v)", s, secrets)
 		}
