@@ -134,7 +134,7 @@ type Agent struct {
 	checks  []metrics.Check
 	store   *store.Store
 	cache   *blobcache.Cache
-	mux     *http.ServeMux
+	mux     http.Handler
 	host    host.Host // nil without supernodes
 	origin  *blobcache.Origin
 	swarm   *swarm.Swarm
@@ -202,13 +202,23 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 		Registries: regs, Upstream: up, Manifests: st, Blobs: cache, Source: source,
 		AuthTTL: time.Duration(cfg.AuthTTL), Prefetch: cfg.Prefetch, Log: log.Named("proxy"),
 	})
-	mux := http.NewServeMux()
-	mux.Handle("/v2/", a.metrics.NewRequests().Middleware(proxy, classifier(regs, st)))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mirror := a.metrics.NewRequests().Middleware(proxy, classifier(regs, st))
 	// The node-local copy of the metrics listener's /metrics, for scripts
 	// on the node.
-	mux.Handle("/metrics", a.MetricsHandler())
-	a.mux = mux
+	metricsHandler := a.MetricsHandler()
+	// Not an http.ServeMux: its own answers (a redirect for /v2 or an
+	// uncleaned path, a plain-text 404) are not OCI errors. Every path but
+	// these two goes to the proxy, which answers in distribution-spec JSON.
+	a.mux = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/healthz":
+			_, _ = w.Write([]byte("ok\n"))
+		case "/metrics":
+			metricsHandler.ServeHTTP(w, r)
+		default:
+			mirror.ServeHTTP(w, r)
+		}
+	})
 	return a, nil
 }
 
@@ -365,6 +375,14 @@ func (a *Agent) supernodeReachable(cfg Config) func(context.Context) error {
 // with supernodes configured, one of them is reachable).
 func (a *Agent) MetricsHandler() http.Handler { return a.metrics.Handler(a.checks...) }
 
+// Serve serves the mirror on ln until ctx ends: keep-alive connections
+// idle for 2 minutes are closed, a response whose client stops reading
+// fails after a minute without progress, and the errors net/http sends by
+// itself are distribution-spec JSON like every other.
+func (a *Agent) Serve(ctx context.Context, ln net.Listener) error {
+	return httpserve.ServeWith(ctx, ln, a.Handler(), httpserve.Options{Grace: 10 * time.Second, OCIErrors: true})
+}
+
 // Handler is the mirror's HTTP handler.
 func (a *Agent) Handler() http.Handler { return a.mux }
 
@@ -414,7 +432,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { a.CheckConfig(gctx); return nil })
-	g.Go(func() error { return httpserve.Serve(gctx, ln, a.Handler(), 10*time.Second) })
+	g.Go(func() error { return a.Serve(gctx, ln) })
 	if mln != nil {
 		g.Go(func() error { return httpserve.Serve(gctx, mln, a.MetricsHandler(), time.Second) })
 	}

@@ -522,6 +522,9 @@ func (p *Proxy) headUpstream(w http.ResponseWriter, r *http.Request, reg upstrea
 	return nil
 }
 
+// sendChunk is the most one write of a complete blob sends.
+const sendChunk = 4 << 20
+
 // copyRange streams the range, with sendfile for complete files.
 func copyRange(w io.Writer, blob Blob, rng ByteRange) error {
 	if fb, ok := blob.(FileBlob); ok {
@@ -529,8 +532,17 @@ func copyRange(w io.Writer, blob Blob, rng ByteRange) error {
 		if _, err := f.Seek(rng.Start, io.SeekStart); err != nil {
 			return fmt.Errorf("seek blob: %w", err)
 		}
-		_, err := io.CopyN(w, f, rng.Len())
-		return err
+		// In bounded chunks (each one sendfile): the server's write
+		// deadline is per write, so that a client that stops reading is
+		// cut off while a slow one is not.
+		for left := rng.Len(); left > 0; {
+			n, err := io.CopyN(w, f, min(left, sendChunk))
+			left -= n
+			if err != nil {
+				return err
+			}
+		}
+		return nil
 	}
 	_, err := io.Copy(w, io.NewSectionReader(blob, rng.Start, rng.Len()))
 	return err

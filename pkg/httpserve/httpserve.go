@@ -1,12 +1,17 @@
 // Package httpserve runs an HTTP server until its context ends, then shuts
 // it down gracefully: the lifecycle the agent's mirror and the supernode's
-// status server share.
+// status server share. Its servers do not let a client hold a connection
+// for free: idle keep-alive connections are closed after IdleTimeout, and
+// a response whose client stops reading fails once no byte could be
+// written for WriteIdle (a per-write deadline, not one per response, so a
+// large blob to a slow but live client is never cut).
 package httpserve
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"time"
@@ -14,10 +19,54 @@ import (
 	"golang.org/x/sync/errgroup"
 )
 
+// Options tune a server; zero fields get the defaults.
+type Options struct {
+	// Grace is how long open requests may finish at shutdown (default 5 s).
+	Grace time.Duration
+	// IdleTimeout closes a keep-alive connection with no request for this
+	// long (default 2 min).
+	IdleTimeout time.Duration
+	// WriteIdle fails a response once a write could not progress for this
+	// long (default 1 min).
+	WriteIdle time.Duration
+	// OCIErrors rewrites the plain-text errors net/http sends by itself
+	// (400 for a malformed request, 431 for oversized headers, 501 for an
+	// unknown transfer encoding) as distribution-spec JSON.
+	OCIErrors bool
+	// ConnState is passed to http.Server (tests watch connections close).
+	ConnState func(net.Conn, http.ConnState)
+}
+
+func (o *Options) defaults() {
+	if o.Grace <= 0 {
+		o.Grace = 5 * time.Second
+	}
+	if o.IdleTimeout <= 0 {
+		o.IdleTimeout = 2 * time.Minute
+	}
+	if o.WriteIdle <= 0 {
+		o.WriteIdle = time.Minute
+	}
+}
+
 // Serve serves h on ln until ctx ends, then gives open requests up to
 // grace to finish.
 func Serve(ctx context.Context, ln net.Listener, h http.Handler, grace time.Duration) error {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	return ServeWith(ctx, ln, h, Options{Grace: grace})
+}
+
+// ServeWith is Serve with options.
+func ServeWith(ctx context.Context, ln net.Listener, h http.Handler, opts Options) error {
+	opts.defaults()
+	srv := &http.Server{
+		Handler:           WriteProgress(h, opts.WriteIdle),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       opts.IdleTimeout,
+		ConnState:         opts.ConnState,
+	}
+	if opts.OCIErrors {
+		ln = ociListener{ln}
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
@@ -27,9 +76,54 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler, grace time.Dura
 	})
 	g.Go(func() error {
 		<-gctx.Done()
-		shutdownCtx, cancel := context.WithTimeout(context.Background(), grace)
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), opts.Grace)
 		defer cancel()
 		return srv.Shutdown(shutdownCtx)
 	})
 	return g.Wait()
 }
+
+// WriteProgress gives every write of a response d to complete: the
+// connection's write deadline is moved to now+d when the request starts,
+// before each write and when the handler returns (for the server's final
+// flush). Handlers that copy large bodies should do it in bounded chunks
+// (one ReadFrom is one write).
+func WriteProgress(h http.Handler, d time.Duration) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		pw := &progressWriter{ResponseWriter: w, rc: http.NewResponseController(w), d: d}
+		pw.extend()
+		defer pw.extend()
+		h.ServeHTTP(pw, r)
+	})
+}
+
+type progressWriter struct {
+	http.ResponseWriter
+	rc *http.ResponseController
+	d  time.Duration
+}
+
+func (p *progressWriter) extend() { _ = p.rc.SetWriteDeadline(time.Now().Add(p.d)) }
+
+func (p *progressWriter) Write(b []byte) (int, error) {
+	p.extend()
+	return p.ResponseWriter.Write(b)
+}
+
+// ReadFrom keeps sendfile working through the wrapper.
+func (p *progressWriter) ReadFrom(r io.Reader) (int64, error) {
+	p.extend()
+	if rf, ok := p.ResponseWriter.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(p.ResponseWriter, r)
+}
+
+// Flush implements http.Flusher.
+func (p *progressWriter) Flush() {
+	p.extend()
+	_ = p.rc.Flush()
+}
+
+// Unwrap lets http.ResponseController reach the connection.
+func (p *progressWriter) Unwrap() http.ResponseWriter { return p.ResponseWriter }

@@ -1,0 +1,99 @@
+package httpserve_test
+
+import (
+	"bufio"
+	"context"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/starling-oci/starling/pkg/httpserve"
+)
+
+// serve runs h with opts and returns its address and a channel that gets
+// each connection as it closes.
+func serve(t *testing.T, h http.Handler, opts httpserve.Options) (string, <-chan net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan net.Conn, 16)
+	opts.ConnState = func(c net.Conn, s http.ConnState) {
+		if s == http.StateClosed || s == http.StateHijacked {
+			closed <- c
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- httpserve.ServeWith(ctx, ln, h, opts) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	return ln.Addr().String(), closed
+}
+
+func waitClosed(t *testing.T, closed <-chan net.Conn, what string) {
+	t.Helper()
+	select {
+	case <-closed:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("%s: the server still holds the connection after 20 s", what)
+	}
+}
+
+// A keep-alive connection nobody uses is closed after IdleTimeout.
+func TestIdleConnectionIsClosed(t *testing.T) {
+	addr, closed := serve(t, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) }),
+		httpserve.Options{IdleTimeout: 200 * time.Millisecond})
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil || resp.StatusCode != 200 || resp.Close {
+		t.Fatalf("first request: %v %v", resp, err)
+	}
+	waitClosed(t, closed, "idle keep-alive connection")
+}
+
+// A client that requests a large body and never reads it is cut off once
+// a write cannot progress for WriteIdle; the handler's write fails.
+func TestClientThatDoesNotReadIsCutOff(t *testing.T) {
+	writeErr := make(chan error, 1)
+	chunk := make([]byte, 64<<10)
+	addr, closed := serve(t, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		for range 1 << 14 { // 1 GiB, far beyond any socket buffer
+			if _, err := w.Write(chunk); err != nil {
+				writeErr <- err
+				return
+			}
+		}
+		writeErr <- nil
+	}), httpserve.Options{WriteIdle: 300 * time.Millisecond})
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-writeErr:
+		if err == nil {
+			t.Fatal("the handler wrote 1 GiB to a client that reads nothing")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the handler is still blocked writing to a client that reads nothing after 20 s")
+	}
+	waitClosed(t, closed, "stuck client")
+}
