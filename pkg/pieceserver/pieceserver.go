@@ -48,7 +48,17 @@ type Server struct {
 	slots  chan struct{}
 	log    *zap.Logger
 	served atomic.Int64
+	// writeIdle is how long one write to a peer may block: a peer that
+	// stops reading frees its upload slot after this, whatever the
+	// piece's size (a deadline per write, not per transfer).
+	writeIdle time.Duration
 }
+
+// Deadlines of a piece stream.
+const (
+	requestDeadline  = 30 * time.Second
+	defaultWriteIdle = 15 * time.Second
+)
 
 // NewServer builds a Server allowing maxUploads concurrent uploads, paced
 // by upload (nil: unlimited).
@@ -56,7 +66,7 @@ func NewServer(st *store.Store, upload *ratelimit.Limiter, maxUploads int, log *
 	if maxUploads <= 0 {
 		maxUploads = 8
 	}
-	return &Server{store: st, upload: upload, slots: make(chan struct{}, maxUploads), log: log}
+	return &Server{store: st, upload: upload, slots: make(chan struct{}, maxUploads), log: log, writeIdle: defaultWriteIdle}
 }
 
 // Register installs the protocol handler on h.
@@ -67,14 +77,15 @@ func (s *Server) BytesServed() int64 { return s.served.Load() }
 
 func (s *Server) handle(st network.Stream) {
 	defer st.Close()
-	_ = st.SetDeadline(time.Now().Add(2 * time.Minute))
+	_ = st.SetReadDeadline(time.Now().Add(requestDeadline))
+	w := &progressWriter{st: st, idle: s.writeIdle}
 	var req swarmproto.PieceRequest
 	if err := wire.ReadMsg(st, &req, swarmproto.MaxRequestBytes); err != nil {
 		st.Reset()
 		return
 	}
 	if err := req.Validate(); err != nil {
-		_ = wire.WriteMsg(st, swarmproto.PieceHeader{Error: err.Error()})
+		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: err.Error()})
 		return
 	}
 	// Wait for an upload slot rather than answer busy at once: a few
@@ -86,27 +97,39 @@ func (s *Server) handle(st network.Stream) {
 	case s.slots <- struct{}{}:
 		defer func() { <-s.slots }()
 	case <-wait.C:
-		_ = wire.WriteMsg(st, swarmproto.PieceHeader{Error: busyMsg})
+		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: busyMsg})
 		return
 	}
 	r, n, err := s.store.PieceReader(req.Digest, req.Index, req.PieceSize)
 	if err != nil {
-		_ = wire.WriteMsg(st, swarmproto.PieceHeader{Error: unavailableMsg})
+		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: unavailableMsg})
 		return
 	}
 	defer r.Close()
-	if err := wire.WriteMsg(st, swarmproto.PieceHeader{Size: n}); err != nil {
+	if err := wire.WriteMsg(w, swarmproto.PieceHeader{Size: n}); err != nil {
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	written, err := io.Copy(s.upload.Writer(ctx, st), r)
+	written, err := io.Copy(s.upload.Writer(ctx, w), r)
 	s.served.Add(written)
 	if err != nil {
 		s.log.Debug("piece upload cut short", zap.String("peer", st.Conn().RemotePeer().String()),
 			zap.String("digest", req.Digest), zap.Int("piece", req.Index), zap.Error(err))
 		st.Reset()
 	}
+}
+
+// progressWriter gives each write to the stream idle to complete (the
+// deadline is set right before the write, after any rate-limit wait).
+type progressWriter struct {
+	st   network.Stream
+	idle time.Duration
+}
+
+func (p *progressWriter) Write(b []byte) (int, error) {
+	_ = p.st.SetWriteDeadline(time.Now().Add(p.idle))
+	return p.st.Write(b)
 }
 
 // Fetch downloads piece req.Index of length want from peer p into buf and
