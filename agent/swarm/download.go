@@ -40,6 +40,7 @@ type download struct {
 type result struct {
 	f    Fetch
 	data []byte
+	have []byte // the peer's bitmap from its answer
 	buf  []byte
 	err  error
 }
@@ -282,9 +283,9 @@ func (d *download) schedule(ctx context.Context, wg *sync.WaitGroup, results cha
 			// A peer that trickles bytes keeps the swarm from looking stalled,
 			// so each transfer has its own deadline: a generous floor rate.
 			fctx, cancel := context.WithTimeout(ctx, 30*time.Second+time.Duration(length/(64<<10))*time.Second)
-			data, err := d.s.fetcher.Fetch(fctx, f.From, req, length, c, buf, d.sawData)
+			data, have, err := d.s.fetcher.Fetch(fctx, f.From, req, length, c, buf, d.sawData)
 			cancel()
-			results <- result{f: f, data: data, buf: buf, err: err}
+			results <- result{f: f, data: data, have: have, buf: buf, err: err}
 		}()
 	}
 }
@@ -292,6 +293,9 @@ func (d *download) schedule(ctx context.Context, wg *sync.WaitGroup, results cha
 // finish handles one piece transfer's outcome.
 func (d *download) finish(r result) error {
 	defer func() { d.s.bufs <- r.buf }()
+	if r.have != nil {
+		defer d.sched.PeerHave(r.f.From, r.have)
+	}
 	now := d.s.clock.Now()
 	switch {
 	case r.err == nil:

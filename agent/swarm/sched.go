@@ -178,6 +178,20 @@ func (s *Sched) Tracker(now time.Time, resp *swarmproto.TrackerResponse) ([]Peer
 	return fresh, nil
 }
 
+// PeerHave takes in a peer's current bitmap, learned from the peer itself
+// (a piece answer carries it), fresher than the tracker's.
+func (s *Sched) PeerHave(id peer.ID, have []byte) {
+	ps, ok := s.peers[id]
+	if !ok || ps.seed {
+		return // the seed's offer is the tracker's to make
+	}
+	b, err := piece.BitmapFromBytes(s.count, have)
+	if err != nil {
+		return
+	}
+	s.setHave(ps, b)
+}
+
 // setHave replaces a peer's bitmap, keeping the holder counts right.
 func (s *Sched) setHave(ps *peerState, have piece.Bitmap) {
 	if !ps.banned {

@@ -276,3 +276,26 @@ func TestSchedPermitDeniedBacksOff(t *testing.T) {
 		t.Fatal("not stalled after the second backoff (2 s)")
 	}
 }
+
+// A peer's own bitmap (from its piece answers) replaces the tracker's
+// older one, holder counts included; the seed's offers are left alone.
+func TestSchedPeerHave(t *testing.T) {
+	now := time.Unix(1000, 0)
+	s := newTestSched(t, 4, now)
+	a, seed := testPeer(t, 1), testPeer(t, 2)
+	announce(t, s, now, 1, map[peer.ID]piece.Bitmap{a: bitmap(4, 0), seed: bitmap(4, 1)}, seed)
+	fresh := bitmap(4, 0, 2, 3)
+	s.PeerHave(a, fresh.Bytes())
+	if len(s.holders[2]) != 1 || len(s.holders[3]) != 1 || len(s.holders[0]) != 1 {
+		t.Fatalf("holders after PeerHave: %d %d %d %d", len(s.holders[0]), len(s.holders[1]), len(s.holders[2]), len(s.holders[3]))
+	}
+	all := bitmap(4, 0, 1, 2, 3)
+	s.PeerHave(seed, all.Bytes())
+	if len(s.holders[3]) != 1 {
+		t.Fatal("the seed's answer widened its offer")
+	}
+	s.PeerHave(a, []byte{0xff, 0xff}) // malformed: ignored
+	if len(s.holders[2]) != 1 {
+		t.Fatal("a malformed bitmap changed the holders")
+	}
+}

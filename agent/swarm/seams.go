@@ -236,9 +236,11 @@ func (m *MemPartial) Piece(i int) []byte {
 
 // PieceFetcher downloads one piece from a peer into buf and verifies it
 // against c, returning pieceserver's ErrBusy, ErrUnavailable or ErrCorrupt
-// (wrapped) for those answers. onData hears of bytes as they arrive.
+// (wrapped) for those answers. onData hears of bytes as they arrive. have
+// is the peer's current bitmap of the blob when its answer carried one
+// (whatever the outcome), nil otherwise.
 type PieceFetcher interface {
-	Fetch(ctx context.Context, from peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, onData func(int)) ([]byte, error)
+	Fetch(ctx context.Context, from peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, onData func(int)) (data, have []byte, err error)
 }
 
 // HostFetcher fetches pieces over libp2p.
@@ -250,8 +252,8 @@ type HostFetcher struct {
 var _ PieceFetcher = HostFetcher{}
 
 // Fetch implements PieceFetcher.
-func (h HostFetcher) Fetch(ctx context.Context, from peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, onData func(int)) ([]byte, error) {
-	return pieceserver.Fetch(ctx, h.Host, from, req, length, c, buf, h.Download, onData)
+func (h HostFetcher) Fetch(ctx context.Context, from peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, onData func(int)) (data, have []byte, err error) {
+	return pieceserver.FetchHave(ctx, h.Host, from, req, length, c, buf, h.Download, onData)
 }
 
 // MemFetcher fetches pieces from in-memory peers.
@@ -276,34 +278,38 @@ func (f *MemFetcher) Serve(id peer.ID, digest string, p *MemPartial) {
 }
 
 // Fetch implements PieceFetcher.
-func (f *MemFetcher) Fetch(ctx context.Context, from peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, onData func(int)) ([]byte, error) {
+func (f *MemFetcher) Fetch(ctx context.Context, from peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, onData func(int)) (data, have []byte, err error) {
 	if int64(len(buf)) < length {
-		return nil, fmt.Errorf("fetch piece %d: buffer of %d bytes for %d", req.Index, len(buf), length)
+		return nil, nil, fmt.Errorf("fetch piece %d: buffer of %d bytes for %d", req.Index, len(buf), length)
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("fetch piece %d from %s: %w", req.Index, from, err)
+		return nil, nil, fmt.Errorf("fetch piece %d from %s: %w", req.Index, from, err)
 	}
 	f.mu.Lock()
 	blobs, ok := f.peers[from]
 	p := blobs[req.Digest]
 	f.mu.Unlock()
 	if !ok {
-		return nil, fmt.Errorf("open piece stream to %s: no such peer", from)
+		return nil, nil, fmt.Errorf("open piece stream to %s: no such peer", from)
 	}
-	if p == nil || p.PieceSize() != req.PieceSize || !p.Has(req.Index) {
-		return nil, fmt.Errorf("piece %d from %s: %w", req.Index, from, pieceserver.ErrUnavailable)
+	if p != nil && p.PieceSize() == req.PieceSize {
+		b := p.Have()
+		have = b.Bytes()
+	}
+	if have == nil || !p.Has(req.Index) {
+		return nil, have, fmt.Errorf("piece %d from %s: %w", req.Index, from, pieceserver.ErrUnavailable)
 	}
 	src := p.Piece(req.Index)
 	if int64(len(src)) != length {
-		return nil, fmt.Errorf("piece %d from %s: %d bytes, want %d: %w", req.Index, from, len(src), length, pieceserver.ErrCorrupt)
+		return nil, have, fmt.Errorf("piece %d from %s: %d bytes, want %d: %w", req.Index, from, len(src), length, pieceserver.ErrCorrupt)
 	}
-	data := buf[:length]
+	data = buf[:length]
 	copy(data, src)
 	if onData != nil {
 		onData(len(data))
 	}
 	if err := piece.Verify(c, data); err != nil {
-		return nil, fmt.Errorf("piece %d of %s from %s: %w: %w", req.Index, req.Digest, from, pieceserver.ErrCorrupt, err)
+		return nil, have, fmt.Errorf("piece %d of %s from %s: %w: %w", req.Index, req.Digest, from, pieceserver.ErrCorrupt, err)
 	}
-	return data, nil
+	return data, have, nil
 }

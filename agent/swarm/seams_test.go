@@ -162,25 +162,40 @@ func testPieceFetcher(t *testing.T, c fetcherCase) {
 	for _, i := range []int{0, 2} {
 		length, want := cidOf(i)
 		seen := 0
-		data, err := c.f.Fetch(ctx, c.server, req(i), length, piece.CID(want), buf, func(n int) { seen += n })
+		data, have, err := c.f.Fetch(ctx, c.server, req(i), length, piece.CID(want), buf, func(n int) { seen += n })
 		if err != nil {
 			t.Fatalf("piece %d: %v", i, err)
 		}
+		checkHave(t, have)
 		if !bytes.Equal(data, want) || seen != int(length) {
 			t.Fatalf("piece %d: %d bytes (onData saw %d), want %d matching", i, len(data), seen, length)
 		}
 	}
 	length, want := cidOf(1)
-	if _, err := c.f.Fetch(ctx, c.server, req(1), length, piece.CID(want), buf, nil); !errors.Is(err, pieceserver.ErrUnavailable) {
+	_, have, err := c.f.Fetch(ctx, c.server, req(1), length, piece.CID(want), buf, nil)
+	if !errors.Is(err, pieceserver.ErrUnavailable) {
 		t.Fatalf("missing piece: %v, want ErrUnavailable", err)
 	}
+	checkHave(t, have)
 	length, _ = cidOf(0)
-	if _, err := c.f.Fetch(ctx, c.server, req(0), length, piece.CID([]byte("other")), buf, nil); !errors.Is(err, pieceserver.ErrCorrupt) {
+	if _, _, err := c.f.Fetch(ctx, c.server, req(0), length, piece.CID([]byte("other")), buf, nil); !errors.Is(err, pieceserver.ErrCorrupt) {
 		t.Fatalf("piece against the wrong CID: %v, want ErrCorrupt", err)
 	}
-	_, err := c.f.Fetch(ctx, c.unknown, req(0), length, piece.CID(want), buf, nil)
+	_, _, err = c.f.Fetch(ctx, c.unknown, req(0), length, piece.CID(want), buf, nil)
 	if err == nil || errors.Is(err, pieceserver.ErrUnavailable) || errors.Is(err, pieceserver.ErrBusy) || errors.Is(err, pieceserver.ErrCorrupt) {
 		t.Fatalf("unknown peer: %v, want a plain failure", err)
+	}
+}
+
+// checkHave checks the server's bitmap an answer carried: pieces 0 and 2.
+func checkHave(t *testing.T, have []byte) {
+	t.Helper()
+	b, err := piece.BitmapFromBytes(3, have)
+	if err != nil {
+		t.Fatalf("answer's bitmap: %v", err)
+	}
+	if !b.Has(0) || b.Has(1) || !b.Has(2) {
+		t.Fatalf("answer's bitmap %08b, want pieces 0 and 2", have)
 	}
 }
 

@@ -28,6 +28,15 @@ func (a *agent) has(b *blob, i int) bool {
 	return p != nil && p.store != nil && p.store.Has(i)
 }
 
+func (a *agent) bitmap(b *blob) []byte {
+	p := a.pulls[b.idx]
+	if p == nil || p.store == nil {
+		return nil
+	}
+	have := p.store.Have()
+	return have.Bytes()
+}
+
 // start is the client's pull: up to ClientBlobs blobs at once.
 func (a *agent) start() {
 	for a.active < a.s.cfg.ClientBlobs && a.next < len(a.s.blobs) {
@@ -298,7 +307,7 @@ func (p *pull) wake() {
 }
 
 // result is one fetch's outcome arriving at the agent.
-func (p *pull) result(r *pieceReq, out swarm.Outcome) {
+func (p *pull) result(r *pieceReq, out swarm.Outcome, have []byte) {
 	if r.gone {
 		return
 	}
@@ -322,6 +331,9 @@ func (p *pull) result(r *pieceReq, out swarm.Outcome) {
 		}
 	}
 	p.sched.Done(now, r.f, out)
+	if have != nil {
+		p.sched.PeerHave(r.f.From, have)
+	}
 	if out == swarm.Got {
 		p.announce()
 	}

@@ -43,6 +43,11 @@ type Config struct {
 	StallTimeout                                    time.Duration
 	// ClientBlobs is how many blobs a client pulls at once (containerd: 3).
 	ClientBlobs int
+	// HaveInAnswers: piece answers carry the server's current bitmap.
+	HaveInAnswers bool
+	// TrackerBlobRate and TrackerTotalRate override the tracker's request
+	// rate targets (0: its defaults).
+	TrackerBlobRate, TrackerTotalRate float64
 	// QueueMax bounds the requests waiting for a piece server's upload
 	// slot; more are answered busy at once (-1: unbounded).
 	QueueMax int
@@ -120,6 +125,7 @@ type node struct {
 	queue    []*pieceReq
 	dead     bool
 	has      func(b *blob, i int) bool
+	bitmap   func(b *blob) []byte // nil for supernodes
 }
 
 func newID(rng *rand.Rand) (peer.ID, error) {
@@ -149,7 +155,7 @@ func newSim(cfg Config) (*sim, error) {
 		n := &node{idx: -1 - k, id: id, ip: ip, addrs: []string{fmt.Sprintf("/ip4/%s/tcp/4001", ip)},
 			up: newPort(cfg.SeedBW), down: newPort(0), slots: cfg.SeedUploads}
 		sn := &supernode{s: s, n: n, cores: cfg.Cores}
-		sn.state = tracker.NewState(tracker.Config{}, id, n.addrs, rand.New(rand.NewPCG(cfg.Seed, uint64(1000+k))))
+		sn.state = tracker.NewState(tracker.Config{BlobRate: cfg.TrackerBlobRate, TotalRate: cfg.TrackerTotalRate}, id, n.addrs, rand.New(rand.NewPCG(cfg.Seed, uint64(1000+k))))
 		n.has = sn.has
 		s.sns = append(s.sns, sn)
 		s.byID[id] = n
@@ -191,7 +197,7 @@ func newSim(cfg Config) (*sim, error) {
 		n := &node{idx: k, id: id, ip: ip, addrs: []string{fmt.Sprintf("/ip4/%s/tcp/4001", ip)},
 			up: newPort(bw), down: newPort(bw), slots: cfg.AgentUploads}
 		a := &agent{s: s, n: n, bufs: cfg.MaxInflight, pulls: make([]*pull, len(s.blobs)), done: -1}
-		n.has = a.has
+		n.has, n.bitmap = a.has, a.bitmap
 		s.agents = append(s.agents, a)
 		s.byID[id] = n
 	}
@@ -302,7 +308,11 @@ func (s *sim) requestPiece(p *pull, f swarm.Fetch) {
 }
 
 func (s *sim) reply(r *pieceReq, out swarm.Outcome) {
-	s.after(s.latency(), func() { r.p.result(r, out) })
+	var have []byte
+	if s.cfg.HaveInAnswers && !r.server.dead && r.server.bitmap != nil {
+		have = r.server.bitmap(r.p.b)
+	}
+	s.after(s.latency(), func() { r.p.result(r, out, have) })
 }
 
 // queueWait is how long a piece request waits for an upload slot before

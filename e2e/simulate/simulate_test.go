@@ -19,7 +19,7 @@ func smallStorm() Config {
 		AgentBW: 10 << 20, SeedBW: 20 << 20, RegistryBW: 10 << 20, Latency: time.Millisecond,
 		Supernodes: 1, Cores: 1, TrackerCost: 20 * time.Microsecond, Seed: 7,
 		MaxInflight: 8, PerPeer: 2, AgentUploads: 4, SeedUploads: 8, StallTimeout: 15 * time.Second,
-		ClientBlobs: 3, QueueMax: -1, Limit: 10 * time.Minute,
+		ClientBlobs: 3, QueueMax: -1, HaveInAnswers: true, Limit: 10 * time.Minute,
 	}
 }
 

@@ -97,16 +97,16 @@ func (s *Server) handle(st network.Stream) {
 	case s.slots <- struct{}{}:
 		defer func() { <-s.slots }()
 	case <-wait.C:
-		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: busyMsg})
+		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: busyMsg, Have: s.have(&req)})
 		return
 	}
 	r, n, err := s.store.PieceReader(req.Digest, req.Index, req.PieceSize)
 	if err != nil {
-		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: unavailableMsg})
+		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: unavailableMsg, Have: s.have(&req)})
 		return
 	}
 	defer r.Close()
-	if err := wire.WriteMsg(w, swarmproto.PieceHeader{Size: n}); err != nil {
+	if err := wire.WriteMsg(w, swarmproto.PieceHeader{Size: n, Have: s.have(&req)}); err != nil {
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -132,11 +132,34 @@ func (p *progressWriter) Write(b []byte) (int, error) {
 	return p.st.Write(b)
 }
 
-// Fetch downloads piece req.Index of length want from peer p into buf and
+// maxHeaderBytes caps a piece answer's header: a bitmap of the largest
+// blob (swarmproto's piece limit), base64 in JSON, and room to spare.
+const maxHeaderBytes = 256 << 10
+
+// have is this server's bitmap of the requested blob, for the answer.
+func (s *Server) have(req *swarmproto.PieceRequest) []byte {
+	b, _ := s.store.HaveBitmap(req.Digest, req.PieceSize)
+	return b
+}
+
+// Fetch is FetchHave without the server's bitmap.
+func Fetch(ctx context.Context, h host.Host, p peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, down *ratelimit.Limiter, onData func(n int)) ([]byte, error) {
+	data, _, err := FetchHave(ctx, h, p, req, length, c, buf, down, onData)
+	return data, err
+}
+
+// FetchHave downloads piece req.Index of length want from peer p into buf and
 // verifies it against c. buf must hold at least the piece's length.
 // onData, if not nil, hears of every chunk of bytes as it arrives, so a
 // caller can tell a slow transfer from a dead one.
-func Fetch(ctx context.Context, h host.Host, p peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, down *ratelimit.Limiter, onData func(n int)) ([]byte, error) {
+// It also returns the server's current bitmap of the blob when the answer
+// carried one (nil otherwise), whatever the outcome.
+func FetchHave(ctx context.Context, h host.Host, p peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, down *ratelimit.Limiter, onData func(n int)) (data, have []byte, err error) {
+	data, err = fetch(ctx, h, p, req, length, c, buf, down, onData, &have)
+	return data, have, err
+}
+
+func fetch(ctx context.Context, h host.Host, p peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, down *ratelimit.Limiter, onData func(n int), have *[]byte) ([]byte, error) {
 	if int64(len(buf)) < length {
 		return nil, fmt.Errorf("fetch piece %d: buffer of %d bytes for %d", req.Index, len(buf), length)
 	}
@@ -157,10 +180,11 @@ func Fetch(ctx context.Context, h host.Host, p peer.ID, req swarmproto.PieceRequ
 		return nil, fmt.Errorf("request piece %d from %s: %w", req.Index, p, err)
 	}
 	var hdr swarmproto.PieceHeader
-	if err := wire.ReadMsg(st, &hdr, 4<<10); err != nil {
+	if err := wire.ReadMsg(st, &hdr, maxHeaderBytes); err != nil {
 		st.Reset()
 		return nil, fmt.Errorf("read piece %d header from %s: %w", req.Index, p, err)
 	}
+	*have = hdr.Have
 	if hdr.Error == busyMsg {
 		return nil, fmt.Errorf("piece %d from %s: %w", req.Index, p, ErrBusy)
 	}

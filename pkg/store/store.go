@@ -488,6 +488,44 @@ func (s *Store) PieceReader(digest string, i int, pieceSize int64) (io.ReadClose
 	return &pieceReader{SectionReader: io.NewSectionReader(f, off, n), close: f.Close}, n, nil
 }
 
+// HaveBitmap returns which pieces (of pieceSize) of a blob this store can
+// serve to peers, as piece.Bitmap bytes, or false when it holds none of
+// it in that geometry.
+func (s *Store) HaveBitmap(digest string, pieceSize int64) ([]byte, bool) {
+	s.mu.Lock()
+	p, live := s.partials[digest]
+	if live {
+		p.Retain()
+	}
+	s.mu.Unlock()
+	if live {
+		defer p.Release()
+		p.lock()
+		defer p.unlock()
+		if p.pieceSize != pieceSize {
+			return nil, false
+		}
+		if !p.done {
+			return p.have.Bytes(), true
+		}
+		return allPieces(p.size, pieceSize), true
+	}
+	m, err := s.getMeta(digest)
+	if err != nil || !m.Complete {
+		return nil, false
+	}
+	return allPieces(m.Size, pieceSize), true
+}
+
+func allPieces(size, pieceSize int64) []byte {
+	n := piece.Count(size, pieceSize)
+	b := piece.NewBitmap(n)
+	for i := range n {
+		b.Set(i)
+	}
+	return b.Bytes()
+}
+
 type pieceReader struct {
 	*io.SectionReader
 	close func() error

@@ -260,6 +260,10 @@ func (r *PieceRequest) Validate() error {
 type PieceHeader struct {
 	Size  int64  `json:"size"`
 	Error string `json:"error,omitempty"`
+	// Have is the server's current bitmap of the blob (also on busy and
+	// unavailable answers), so the requester learns what it holds now
+	// without asking the tracker. Absent from older servers.
+	Have []byte `json:"have,omitempty"`
 }
 
 // ParseAddrs turns peer addresses from a response into multiaddrs,
