@@ -3,6 +3,7 @@ package metrics
 import (
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -62,5 +63,31 @@ func TestReadyzNamesFailingChecks(t *testing.T) {
 		if rec.Code != 200 {
 			t.Errorf("/livez = %d with failing readiness checks, want 200", rec.Code)
 		}
+	}
+}
+
+// readerFromWriter records whether the wrapped writer's ReadFrom was used.
+type readerFromWriter struct {
+	*httptest.ResponseRecorder
+	used bool
+}
+
+func (w *readerFromWriter) ReadFrom(r io.Reader) (int64, error) {
+	w.used = true
+	return io.Copy(w.ResponseRecorder, r)
+}
+
+// TestMiddlewareKeepsReadFrom: the mirror copies blob files with io.Copy;
+// the wrapper must hand that to the server's ReadFrom (sendfile), not
+// turn it into buffered writes.
+func TestMiddlewareKeepsReadFrom(t *testing.T) {
+	q := New("agent").NewRequests()
+	h := q.Middleware(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = io.Copy(w, io.LimitReader(strings.NewReader("blob bytes"), 1<<20)) // like a file: no WriteTo to the wrapper
+	}), func(*http.Request) RequestInfo { return RequestInfo{Registry: "r", Kind: "blob", Cache: "hit"} })
+	w := &readerFromWriter{ResponseRecorder: httptest.NewRecorder()}
+	h.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/v2/a/blobs/x", nil))
+	if !w.used || w.Body.String() != "blob bytes" || w.Code != 200 {
+		t.Errorf("ReadFrom used %v, body %q, code %d", w.used, w.Body, w.Code)
 	}
 }
