@@ -279,8 +279,8 @@ func (s *Supernode) registerMetrics() {
 	m.CounterFunc("manifest_stale_answers_total", "Tags and manifests answered from the supernode's last resolution while upstream was unavailable.", nil,
 		func() float64 { return float64(s.manifests.Stats().StaleAnswers) })
 	m.CounterFunc("piece_bytes_served_total", "Piece bytes uploaded to agents.", nil, func() float64 { return float64(s.BytesServed()) })
-	for _, result := range []string{"ok", "failed", "invalid", "unauthorized", "forwarded"} {
-		m.CounterFunc("preheat_requests_total", "Preheat requests by result: ok and failed (manifests this supernode handled), invalid and unauthorized (refused notifications), forwarded (blob lists another supernode handed to this one).",
+	for _, result := range []string{"ok", "failed", "invalid", "unauthorized", "busy", "forwarded"} {
+		m.CounterFunc("preheat_requests_total", "Preheat requests by result: ok and failed (manifests this supernode handled), invalid, unauthorized and busy (refused notifications), forwarded (blob lists another supernode handed to this one).",
 			map[string]string{"result": result}, func() float64 { r, _ := s.preheat.Counts(); return float64(r[result]) })
 	}
 	m.CounterFunc("preheat_blobs_total", "Blobs preheat handed to their owning supernode's seed.", nil,

@@ -43,6 +43,8 @@ const (
 	maxManifestBytes = 4 << 20
 	maxBlobsPerMsg   = 4096
 	fetchTimeout     = 2 * time.Minute
+	// defaultMaxPending bounds manifests being preheated at once.
+	defaultMaxPending = 64
 )
 
 // Seeder starts the single upstream fetch of a blob (seed.Seed).
@@ -65,7 +67,10 @@ type Config struct {
 	// Password, if set, the basic credentials. Either one admits a caller;
 	// with neither set the endpoint is open.
 	Token, User, Password string
-	Log                   *zap.Logger
+	// MaxPending bounds manifests being preheated at once (0: 64); past it
+	// a notification is answered 503 and the registry retries it later.
+	MaxPending int
+	Log        *zap.Logger
 }
 
 // Service is the preheat API and its libp2p protocol.
@@ -77,6 +82,7 @@ type Service struct {
 	wg     sync.WaitGroup
 
 	mu      sync.Mutex
+	pending int            // jobs running
 	results map[string]int // for metrics: preheats by result
 	seeded  int
 }
@@ -85,6 +91,9 @@ type Service struct {
 func New(cfg Config) *Service {
 	if len(cfg.Platforms) == 0 {
 		cfg.Platforms = []string{"linux/amd64"}
+	}
+	if cfg.MaxPending <= 0 {
+		cfg.MaxPending = defaultMaxPending
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Service{cfg: cfg, ctx: ctx, cancel: cancel, results: map[string]int{}}
@@ -215,12 +224,29 @@ func (s *Service) notify(w http.ResponseWriter, r *http.Request) {
 			jobs = append(jobs, j)
 		}
 	}
+	s.mu.Lock()
+	busy := s.pending+len(jobs) > s.cfg.MaxPending
+	if !busy {
+		s.pending += len(jobs)
+	}
+	s.mu.Unlock()
+	if busy {
+		w.Header().Set("Retry-After", "5")
+		http.Error(w, "too many preheats running; retry later", http.StatusServiceUnavailable)
+		s.count("busy", 0)
+		return
+	}
 	// Answer at once (registries time notifications out quickly); the
 	// fetches run on the service's own context.
 	for _, j := range jobs {
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
+			defer func() {
+				s.mu.Lock()
+				s.pending--
+				s.mu.Unlock()
+			}()
 			s.run(j)
 		}()
 	}

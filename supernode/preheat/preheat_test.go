@@ -225,3 +225,42 @@ func TestNotifyCLIClient(t *testing.T) {
 		t.Errorf("seeded %v, want %v", got, want)
 	}
 }
+
+// TestBusyPastMaxPending: while MaxPending manifests are being fetched, a
+// further notification is refused with 503 and Retry-After.
+func TestBusyPastMaxPending(t *testing.T) {
+	img, _ := random.Image(512, 1)
+	want := blobsOf(t, img)
+	release := make(chan struct{})
+	inner := registry.New()
+	reg := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/manifests/") {
+			<-release // the preheat's manifest fetch waits here
+		}
+		inner.ServeHTTP(w, r)
+	}))
+	t.Cleanup(reg.Close)
+	regs, up, err := upstream.Open([]string{reg.URL}, upstream.Options{UserAgent: "preheat-test"}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := p2p.NewHost(p2p.Config{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	sd := &seeds{want: len(want), done: make(chan struct{})}
+	s := New(Config{Registries: regs, Upstream: up, Seed: sd, Host: h, MaxPending: 1, Log: zaptest.NewLogger(t)})
+	t.Cleanup(s.Close)
+	d := push(t, reg.URL, "app/busy", img)
+	body := fmt.Sprintf(`{"events":[{"action":"push","target":{"repository":"app/busy","digest":%q,"url":"%s/v2/app/busy/manifests/%s"}}]}`, d, reg.URL, d)
+	if rec := post(t, s, body, ""); rec.Code != http.StatusOK {
+		t.Fatalf("first: %d %s", rec.Code, rec.Body)
+	}
+	rec := post(t, s, body, "")
+	if rec.Code != http.StatusServiceUnavailable || rec.Header().Get("Retry-After") == "" {
+		t.Errorf("second while the first runs: %d (Retry-After %q), want 503 with Retry-After", rec.Code, rec.Header().Get("Retry-After"))
+	}
+	close(release)
+	wait(t, sd)
+}
