@@ -122,8 +122,9 @@ type State struct {
 	selfAddrs []string // non-loopback, handed to everyone
 	selfLoop  []string // loopback, handed to loopback askers only
 
-	version atomic.Uint64 // one counter for all blobs: a recreated swarm never goes back
-	members atomic.Int64  // memberships over all blobs, for the interval
+	version  atomic.Uint64 // one counter for all blobs: a recreated swarm never goes back
+	members  atomic.Int64  // memberships over all blobs, for the interval
+	pressure atomic.Int64  // requests being answered at once, from the driver
 
 	mu    sync.Mutex // guards blobs, rng and swept; taken before a swarm's mu
 	rng   *rand.Rand
@@ -623,15 +624,27 @@ func (st *State) failed(s *swarm, m *member, f swarmproto.Failure, now time.Time
 // the swarm's size. An asker with seed pieces on offer comes back soon
 // (there are few: each piece is on offer to about one asker).
 func (st *State) interval(s *swarm, m *member) time.Duration {
+	// A tracker short of CPU answers late and requests pile up in its
+	// handlers: stretch every interval by how far past freePressure they
+	// are, so a starved supernode sheds load instead of timing out.
+	stretch := max(1, float64(st.pressure.Load())/freePressure)
 	if m != nil && len(m.offers) > 0 {
-		return st.cfg.MinInterval
+		return min(time.Duration(stretch*float64(st.cfg.MinInterval)), st.cfg.MaxInterval)
 	}
 	d := time.Duration(float64(len(s.members)) / st.cfg.BlobRate * float64(time.Second))
 	d = max(d, time.Duration(float64(st.members.Load())/st.cfg.TotalRate*float64(time.Second)))
-	d = min(max(d, st.cfg.MinInterval), st.cfg.MaxInterval)
+	d = min(time.Duration(stretch*float64(max(d, st.cfg.MinInterval))), st.cfg.MaxInterval)
 	// +-10% jitter so a storm's agents do not come back in lockstep.
 	return d + time.Duration((s.rng.Float64()-0.5)*0.2*float64(d))
 }
+
+// freePressure is how many requests may be answered at once before the
+// tracker stretches the intervals it hands out.
+const freePressure = 8
+
+// SetPressure tells the state how many requests the driver is answering
+// right now (a simulator leaves it at 0).
+func (st *State) SetPressure(n int) { st.pressure.Store(int64(n)) }
 
 // sample appends up to MaxPeers-len(out) members that hold a piece the
 // asker lacks, found by a bounded number of random probes among holders.

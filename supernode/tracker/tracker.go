@@ -14,6 +14,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -47,6 +48,7 @@ type Tracker struct {
 	seeder    Seeder
 	authorize Authorizer
 	log       *zap.Logger
+	inflight  atomic.Int64 // requests being handled, the State's pressure
 }
 
 // New builds a Tracker for host h; SetSeeder must be called before Register.
@@ -77,6 +79,8 @@ const rpcDeadline = 10 * time.Second
 
 func (t *Tracker) handle(st network.Stream) {
 	defer st.Close()
+	t.state.SetPressure(int(t.inflight.Add(1)))
+	defer func() { t.state.SetPressure(int(t.inflight.Add(-1))) }()
 	_ = st.SetDeadline(time.Now().Add(rpcDeadline))
 	var req swarmproto.TrackerRequest
 	if err := wire.ReadMsg(st, &req, swarmproto.MaxRequestBytes); err != nil {

@@ -430,3 +430,18 @@ func TestSeedThatLostTheBlobStopsOfferingItAndSeedsAgain(t *testing.T) {
 		t.Fatal("the piece table was lost with the seed's copy")
 	}
 }
+
+func TestIntervalStretchesUnderPressure(t *testing.T) {
+	st := newState(Config{MinInterval: 100 * time.Millisecond, MaxInterval: 10 * time.Second})
+	sized(t, st)
+	iv := func() time.Duration {
+		return time.Duration(st.Handle(t0, asker("a"), haveReq(nil)).Resp.Interval) * time.Millisecond
+	}
+	if d := iv(); d > 110*time.Millisecond {
+		t.Fatalf("interval %v for a lone agent, want ~100ms", d)
+	}
+	st.SetPressure(80) // ten times what the tracker answers freely
+	if d := iv(); d < 900*time.Millisecond || d > 1100*time.Millisecond {
+		t.Fatalf("interval %v with 80 requests in hand, want ~1s", d)
+	}
+}
