@@ -130,14 +130,15 @@ func (c *Config) Validate() error {
 
 // Agent is a running agent's parts.
 type Agent struct {
-	metrics *metrics.Registry
-	checks  []metrics.Check
-	store   *store.Store
-	cache   *blobcache.Cache
-	mux     http.Handler
-	host    host.Host // nil without supernodes
-	origin  *blobcache.Origin
-	swarm   *swarm.Swarm
+	metrics  *metrics.Registry
+	checks   []metrics.Check
+	store    *store.Store
+	cache    *blobcache.Cache
+	mux      http.Handler
+	host     host.Host // nil without supernodes
+	origin   *blobcache.Origin
+	swarm    *swarm.Swarm
+	cutShort atomic.Int64 // responses in flight when the mirror shut down
 	// for CheckConfig
 	regs       *upstream.Set
 	up         *upstream.Client
@@ -379,8 +380,13 @@ func (a *Agent) MetricsHandler() http.Handler { return a.metrics.Handler(a.check
 // idle for 2 minutes are closed, a response whose client stops reading
 // fails after a minute without progress, and the errors net/http sends by
 // itself are distribution-spec JSON like every other.
+//
+// At shutdown, requests get half a second to finish; the rest (blobs
+// streaming as they arrive) are ended, and their clients fall back to the
+// registry as they do when a mirror fails.
 func (a *Agent) Serve(ctx context.Context, ln net.Listener) error {
-	return httpserve.ServeWith(ctx, ln, a.Handler(), httpserve.Options{Grace: 10 * time.Second, OCIErrors: true})
+	return httpserve.ServeWith(ctx, ln, a.Handler(), httpserve.Options{Grace: 500 * time.Millisecond, OCIErrors: true,
+		OnShutdown: func(n int) { a.cutShort.Store(int64(n)) }})
 }
 
 // Handler is the mirror's HTTP handler.
@@ -436,5 +442,15 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	if mln != nil {
 		g.Go(func() error { return httpserve.Serve(gctx, mln, a.MetricsHandler(), time.Second) })
 	}
-	return g.Wait()
+	err = g.Wait()
+	// Every handler has returned; the fills still running are cancelled by
+	// Close, which records their progress before the store closes.
+	fills, cut := a.cache.Running(), a.cutShort.Load()
+	if len(fills) == 0 && cut == 0 {
+		log.Info("stopped: nothing was in flight", zap.Error(err))
+		return err
+	}
+	log.Info("stopped: interrupted these fills and responses; clients fall back to the registry, partial blobs resume at the next start",
+		zap.Strings("interrupted", fills), zap.Int64("responses_cut_short", cut), zap.Error(err))
+	return err
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -176,6 +177,18 @@ func (c *Cache) run(j *job, req registryproxy.BlobRequest) {
 	c.log.Info("blob filled", zap.String("digest", req.Digest), zap.String("registry", req.Registry.Host),
 		zap.String("repo", req.Repo), zap.Int64("bytes", p.Size()), zap.Int64("from_upstream", fromUp),
 		zap.Int64("from_peers", fromPeers), zap.Int64("from_seed", fromSeed), zap.Duration("elapsed", time.Since(start)))
+}
+
+// Running returns the digests of the fills in progress.
+func (c *Cache) Running() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	digests := make([]string, 0, len(c.jobs))
+	for d := range c.jobs {
+		digests = append(digests, d)
+	}
+	slices.Sort(digests)
+	return digests
 }
 
 // Close cancels running fills and waits for them to end; their partial

@@ -44,15 +44,35 @@ Run "starling COMMAND -h" for a command's flags.
 `
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, cancel := context.WithCancel(context.Background())
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go onSignals(sigs, cancel, func() {
+		fmt.Fprintln(os.Stderr, "starling: second signal: exiting at once")
+		os.Exit(1)
+	})
 	err := run(ctx, os.Args[1:], os.Stdout)
-	stop()
+	signal.Stop(sigs)
+	cancel()
 	if errors.Is(err, flag.ErrHelp) {
 		os.Exit(0)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "starling:", err)
 		os.Exit(1)
+	}
+}
+
+// onSignals cancels the run at the first signal, so that it shuts down
+// in order, and calls exitNow at the second: an operator who presses
+// Ctrl-C twice wants the process gone.
+func onSignals(sigs <-chan os.Signal, cancel func(), exitNow func()) {
+	if _, ok := <-sigs; !ok {
+		return
+	}
+	cancel()
+	if _, ok := <-sigs; ok {
+		exitNow()
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -83,4 +84,19 @@ func TestSwarmKeyRedirectedToAFileIsPrivate(t *testing.T) {
 	if fi.Mode().Perm() != 0o600 || fi.Size() == 0 {
 		t.Fatalf("redirected swarm key: mode %v, %d bytes; want 0600 and the key", fi.Mode().Perm(), fi.Size())
 	}
+}
+
+func TestSecondSignalExitsAtOnce(t *testing.T) {
+	sigs := make(chan os.Signal, 2)
+	cancelled, exited := make(chan struct{}), make(chan struct{})
+	go onSignals(sigs, func() { close(cancelled) }, func() { close(exited) })
+	sigs <- syscall.SIGTERM
+	<-cancelled
+	select {
+	case <-exited:
+		t.Fatal("exited at the first signal")
+	default:
+	}
+	sigs <- syscall.SIGINT
+	<-exited
 }

@@ -14,6 +14,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -35,6 +36,9 @@ type Options struct {
 	OCIErrors bool
 	// ConnState is passed to http.Server (tests watch connections close).
 	ConnState func(net.Conn, http.ConnState)
+	// OnShutdown, if set, is told how many requests were in flight when
+	// the shutdown began.
+	OnShutdown func(inFlight int)
 }
 
 func (o *Options) defaults() {
@@ -49,8 +53,12 @@ func (o *Options) defaults() {
 	}
 }
 
-// Serve serves h on ln until ctx ends, then gives open requests up to
-// grace to finish.
+// Serve serves h on ln until ctx ends, then stops accepting and gives open
+// requests up to grace to finish. Requests still running then have their
+// contexts cancelled and their connections closed, so that a long response
+// (a blob streaming as it arrives) ends at once; Serve returns when every
+// handler has returned, so nothing a handler uses (the agent's store) is in
+// use any more. A shutdown because ctx ended returns nil.
 func Serve(ctx context.Context, ln net.Listener, h http.Handler, grace time.Duration) error {
 	return ServeWith(ctx, ln, h, Options{Grace: grace})
 }
@@ -58,11 +66,15 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler, grace time.Dura
 // ServeWith is Serve with options.
 func ServeWith(ctx context.Context, ln net.Listener, h http.Handler, opts Options) error {
 	opts.defaults()
+	base, cancelRequests := context.WithCancel(context.Background())
+	defer cancelRequests()
+	hs := &handlers{zero: make(chan struct{})}
 	srv := &http.Server{
-		Handler:           WriteProgress(h, opts.WriteIdle),
+		Handler:           hs.wrap(WriteProgress(h, opts.WriteIdle)),
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       opts.IdleTimeout,
 		ConnState:         opts.ConnState,
+		BaseContext:       func(net.Listener) context.Context { return base },
 	}
 	if opts.OCIErrors {
 		ln = ociListener{ln}
@@ -76,11 +88,68 @@ func ServeWith(ctx context.Context, ln net.Listener, h http.Handler, opts Option
 	})
 	g.Go(func() error {
 		<-gctx.Done()
+		if opts.OnShutdown != nil {
+			opts.OnShutdown(hs.inFlight())
+		}
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), opts.Grace)
 		defer cancel()
-		return srv.Shutdown(shutdownCtx)
+		err := srv.Shutdown(shutdownCtx)
+		if errors.Is(err, context.DeadlineExceeded) {
+			cancelRequests()
+			err = srv.Close()
+		}
+		hs.closeAndWait()
+		return err
 	})
 	return g.Wait()
+}
+
+// handlers counts the handlers running, so that shutdown can wait for the
+// last one to return.
+type handlers struct {
+	mu     sync.Mutex
+	n      int
+	closed bool
+	zero   chan struct{} // closed when closed and n == 0
+}
+
+func (hs *handlers) wrap(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hs.mu.Lock()
+		if hs.closed {
+			hs.mu.Unlock()
+			http.Error(w, "shutting down", http.StatusServiceUnavailable)
+			return
+		}
+		hs.n++
+		hs.mu.Unlock()
+		defer func() {
+			hs.mu.Lock()
+			hs.n--
+			if hs.n == 0 && hs.closed {
+				close(hs.zero)
+			}
+			hs.mu.Unlock()
+		}()
+		h.ServeHTTP(w, r)
+	})
+}
+
+func (hs *handlers) inFlight() int {
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	return hs.n
+}
+
+// closeAndWait refuses new handlers and waits for the running ones.
+func (hs *handlers) closeAndWait() {
+	hs.mu.Lock()
+	hs.closed = true
+	if hs.n == 0 {
+		close(hs.zero)
+	}
+	hs.mu.Unlock()
+	<-hs.zero
 }
 
 // WriteProgress gives every write of a response d to complete: the
