@@ -22,6 +22,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -116,7 +117,7 @@ func mainErr(ctx context.Context, args []string, stdout *os.File) error {
 	fmt.Fprintf(stdout, "wall time %v\n", time.Since(start).Round(time.Millisecond))
 	var errs []error
 	if *jsonPath != "" && len(res.Runs) > 0 {
-		errs = append(errs, writeFile(*jsonPath, func(w io.Writer) error {
+		errs = append(errs, writeFile(stdout, "results (JSON)", *jsonPath, func(w io.Writer) error {
 			enc := json.NewEncoder(w)
 			enc.SetIndent("", "  ")
 			if err := enc.Encode(res); err != nil {
@@ -126,12 +127,13 @@ func mainErr(ctx context.Context, args []string, stdout *os.File) error {
 		}))
 	}
 	if *chartPath != "" && len(res.Runs) > 0 {
-		errs = append(errs, writeFile(*chartPath, func(w io.Writer) error { return writeChart(w, res.Runs) }))
+		errs = append(errs, writeFile(stdout, "completion-time chart (SVG)", *chartPath, func(w io.Writer) error { return writeChart(w, res.Runs) }))
 	}
 	return errors.Join(append([]error{runErr}, errs...)...)
 }
 
-func writeFile(path string, write func(io.Writer) error) error {
+// writeFile writes a result file and says where it went.
+func writeFile(stdout io.Writer, what, path string, write func(io.Writer) error) error {
 	f, err := os.Create(path)
 	if err != nil {
 		return fmt.Errorf("create %s: %w", path, err)
@@ -143,6 +145,10 @@ func writeFile(path string, write func(io.Writer) error) error {
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("close %s: %w", path, err)
 	}
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
+	fmt.Fprintf(stdout, "wrote %s to %s\n", what, path)
 	return nil
 }
 
