@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"sync"
@@ -44,6 +45,16 @@ type Partial struct {
 	mark     int64         // bytes [0, mark) are written (maybe not yet durable)
 	inline   *piece.Hasher // set when an append started at 0: digest without a re-read
 	hashed   bool          // inline saw every byte
+
+	// The blob digest of a fill that writes pieces (the swarm) is computed
+	// as the bytes go by: seq hashes [0, seqAt) in order, from the piece
+	// buffers as they are written, reading back from the file only pieces
+	// that arrived ahead of the hash. Nil after a resume (bytes written
+	// before the restart were never seen): Commit then reads the file.
+	hashMu sync.Mutex
+	seq    hash.Hash
+	seqAt  int64
+	reread int64 // bytes read back from the file to compute the digest
 	err      error         // terminal failure
 	done     bool          // committed: the file is complete and verified
 	refs     int
@@ -152,6 +163,9 @@ func (s *Store) OpenPartial(digest string, size, pieceSize int64) (*Partial, err
 		s: s, digest: digest, hex: hexd, size: size, pieceSize: pieceSize, f: f,
 		changed: make(chan struct{}), have: have, refs: 1,
 		waiting: map[int]int{},
+	}
+	if have.Count() == 0 {
+		p.seq = sha256.New()
 	}
 	p.mark = p.contiguous()
 	if have.Count() > 0 {
@@ -264,7 +278,49 @@ func (p *Partial) WritePiece(i int, data []byte) error {
 	}
 	p.notify()
 	p.unlock()
+	if err := p.hashAlong(off, data); err != nil {
+		return err
+	}
 	return p.sync(false)
+}
+
+// hashAlong feeds the digest with data, just written at off, if the hash
+// has reached off, and then with every piece already written after it
+// (read back from the file: they arrived ahead of the hash).
+func (p *Partial) hashAlong(off int64, data []byte) error {
+	p.hashMu.Lock()
+	defer p.hashMu.Unlock()
+	if p.seq == nil || off != p.seqAt {
+		return nil
+	}
+	p.seq.Write(data)
+	p.seqAt += int64(len(data))
+	for p.seqAt < p.size {
+		i := piece.Index(p.seqAt, p.pieceSize)
+		p.lock()
+		ahead := p.have.Has(i)
+		p.unlock()
+		if !ahead {
+			return nil
+		}
+		pieceOff, length := piece.Bounds(i, p.size, p.pieceSize)
+		if err := p.hashFromFile(pieceOff + length); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// hashFromFile feeds the digest with the file's bytes [seqAt, end); the
+// caller holds hashMu.
+func (p *Partial) hashFromFile(end int64) error {
+	n, err := io.Copy(p.seq, io.NewSectionReader(p.f, p.seqAt, end-p.seqAt))
+	p.seqAt += n
+	p.reread += n
+	if err != nil {
+		return fmt.Errorf("hash %s at %d: %w", p.digest, p.seqAt, err)
+	}
+	return nil
 }
 
 // syncInterval is how often written pieces are made durable and recorded.
@@ -318,6 +374,8 @@ func (p *Partial) Append(r io.Reader, onPiece func(i int, c cid.Cid)) error {
 				if _, herr := p.inline.Write(buf[:n]); herr != nil {
 					return fmt.Errorf("hash %s: %w", p.digest, herr)
 				}
+			} else if herr := p.hashAlong(off, buf[:n]); herr != nil {
+				return herr
 			}
 			off += int64(n)
 			if err := p.advance(off, &next); err != nil {
@@ -520,11 +578,25 @@ func (p *Partial) digestOf() (string, error) {
 	if p.hashed {
 		return p.inline.Digest(), nil
 	}
-	h := sha256.New()
-	if _, err := io.Copy(h, io.NewSectionReader(p.f, 0, p.size)); err != nil {
-		return "", fmt.Errorf("hash %s: %w", p.digest, err)
+	p.hashMu.Lock()
+	defer p.hashMu.Unlock()
+	if p.seq == nil {
+		p.seq, p.seqAt = sha256.New(), 0
 	}
-	return "sha256:" + hex.EncodeToString(h.Sum(nil)), nil
+	// Whatever the hash has not seen yet (all of it after a resume; a
+	// stretch an appender wrote) is read back from the file.
+	if err := p.hashFromFile(p.size); err != nil {
+		return "", err
+	}
+	return "sha256:" + hex.EncodeToString(p.seq.Sum(nil)), nil
+}
+
+// Reread returns how many bytes were read back from the file to compute
+// the blob digest (zero when every byte was hashed as it was written).
+func (p *Partial) Reread() int64 {
+	p.hashMu.Lock()
+	defer p.hashMu.Unlock()
+	return p.reread
 }
 
 // retire stops the partial from ever writing its record again.
@@ -544,6 +616,9 @@ func (p *Partial) Restart() error {
 	p.mark, p.dirty, p.err, p.hashed = 0, false, nil, false
 	p.notify()
 	p.unlock()
+	p.hashMu.Lock()
+	p.seq, p.seqAt = sha256.New(), 0
+	p.hashMu.Unlock()
 	return p.s.putMeta(p.digest, blobMeta{Size: p.size, PieceSize: p.pieceSize, LastAccess: p.s.now().Unix()})
 }
 
