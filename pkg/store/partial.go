@@ -51,14 +51,14 @@ type Partial struct {
 	// buffers as they are written, reading back from the file only pieces
 	// that arrived ahead of the hash. Nil after a resume (bytes written
 	// before the restart were never seen): Commit then reads the file.
-	hashMu sync.Mutex
-	seq    hash.Hash
-	seqAt  int64
-	reread int64 // bytes read back from the file to compute the digest
-	err      error         // terminal failure
-	done     bool          // committed: the file is complete and verified
-	refs     int
-	waiting  map[int]int // piece index -> readers blocked on it
+	hashMu  sync.Mutex
+	seq     hash.Hash
+	seqAt   int64
+	reread  int64 // bytes read back from the file to compute the digest
+	err     error // terminal failure
+	done    bool  // committed: the file is complete and verified
+	refs    int
+	waiting map[int]int // piece index -> readers blocked on it
 }
 
 func (p *Partial) lock()   { p.mu.Lock() }
