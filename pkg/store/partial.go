@@ -46,19 +46,20 @@ type Partial struct {
 	inline   *piece.Hasher // set when an append started at 0: digest without a re-read
 	hashed   bool          // inline saw every byte
 
+	err     error // terminal failure
+	done    bool  // committed: the file is complete and verified
+	refs    int
+	waiting map[int]int // piece index -> readers blocked on it
+
 	// The blob digest of a fill that writes pieces (the swarm) is computed
 	// as the bytes go by: seq hashes [0, seqAt) in order, from the piece
 	// buffers as they are written, reading back from the file only pieces
 	// that arrived ahead of the hash. Nil after a resume (bytes written
 	// before the restart were never seen): Commit then reads the file.
-	hashMu  sync.Mutex
-	seq     hash.Hash
-	seqAt   int64
-	reread  int64 // bytes read back from the file to compute the digest
-	err     error // terminal failure
-	done    bool  // committed: the file is complete and verified
-	refs    int
-	waiting map[int]int // piece index -> readers blocked on it
+	hashMu sync.Mutex
+	seq    hash.Hash
+	seqAt  int64
+	reread int64 // bytes read back from the file to compute the digest
 }
 
 func (p *Partial) lock()   { p.mu.Lock() }
