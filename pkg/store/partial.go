@@ -45,11 +45,10 @@ type Partial struct {
 	mark     int64         // bytes [0, mark) are written (maybe not yet durable)
 	inline   *piece.Hasher // set when an append started at 0: digest without a re-read
 	hashed   bool          // inline saw every byte
-
-	err     error // terminal failure
-	done    bool  // committed: the file is complete and verified
-	refs    int
-	waiting map[int]int // piece index -> readers blocked on it
+	err      error         // terminal failure
+	done     bool          // committed: the file is complete and verified
+	refs     int
+	waiting  map[int]int // piece index -> readers blocked on it
 
 	// The blob digest of a fill that writes pieces (the swarm) is computed
 	// as the bytes go by: seq hashes [0, seqAt) in order, from the piece
