@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/starling-oci/starling/pkg/ocierr"
@@ -26,12 +27,29 @@ type trackerClient struct {
 	peer peer.ID
 	req  registryproxy.BlobRequest
 
+	// timeout bounds one exchange (rpcTimeout when zero); patience bounds
+	// the retries of exchanges that time out while the connection to the
+	// supernode stays up (slowTracker when zero).
+	timeout, patience time.Duration
+
 	mu   sync.Mutex
 	next time.Time // earliest time of the next paced request
 }
 
 // rpcTimeout bounds one tracker exchange (answers never wait).
 const rpcTimeout = 10 * time.Second
+
+// slowTracker is how long a supernode we are still connected to may keep
+// answering late before the agent counts it as lost: a CPU-starved
+// supernode is slow, not dead, and going to the registry because of it
+// would multiply the registry's load.
+const slowTracker = time.Minute
+
+// alive reports whether this host still holds a connection to the
+// supernode.
+func (t *trackerClient) alive() bool {
+	return t.host.Network().Connectedness(t.peer) == network.Connected
+}
 
 // pace waits until the tracker's interval since the last paced request
 // has passed.
@@ -72,12 +90,25 @@ func (t *trackerClient) call(ctx context.Context, r swarmproto.TrackerRequest) (
 // exchange sends r and returns the answer and the interval the tracker
 // asked for (a short one when it could not be reached).
 func (t *trackerClient) exchange(ctx context.Context, r swarmproto.TrackerRequest) (*swarmproto.TrackerResponse, time.Duration, error) {
+	patience := t.patience
+	if patience <= 0 {
+		patience = slowTracker
+	}
+	start := time.Now()
 	resp, err := t.roundTrip(ctx, r)
+	// No answer in time on a live connection: ask again rather than give
+	// up (other failures, such as a refused protocol, are final).
+	for errors.Is(err, errLate) && ctx.Err() == nil && time.Since(start) < patience && t.alive() {
+		resp, err = t.roundTrip(ctx, r)
+	}
 	if resp == nil {
 		return nil, minInterval, err
 	}
 	return resp, max(minInterval, time.Duration(resp.Interval)*time.Millisecond), err
 }
+
+// errLate marks an exchange cut off by its timeout.
+var errLate = errors.New("no answer in time")
 
 // minInterval is the least time between paced requests whatever the
 // tracker says (and after a failed exchange).
@@ -85,8 +116,21 @@ const minInterval = 100 * time.Millisecond
 
 func (t *trackerClient) roundTrip(ctx context.Context, r swarmproto.TrackerRequest) (*swarmproto.TrackerResponse, error) {
 	r.Digest = t.req.Digest
-	ctx, cancel := context.WithTimeout(ctx, rpcTimeout)
+	timeout := t.timeout
+	if timeout <= 0 {
+		timeout = rpcTimeout
+	}
+	parent := ctx
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	resp, err := t.roundTripCtx(ctx, r)
+	if err != nil && ctx.Err() != nil && parent.Err() == nil {
+		err = fmt.Errorf("%w after %v: %w", errLate, timeout, err)
+	}
+	return resp, err
+}
+
+func (t *trackerClient) roundTripCtx(ctx context.Context, r swarmproto.TrackerRequest) (*swarmproto.TrackerResponse, error) {
 	st, err := t.host.NewStream(ctx, t.peer, swarmproto.TrackerProtocol)
 	if err != nil {
 		return nil, fmt.Errorf("open tracker stream: %w", err)
@@ -151,8 +195,15 @@ func (t *trackerClient) withdraw(ctx context.Context) error {
 
 // permit asks for a back-to-source lease; false means keep using the
 // swarm and ask again later.
+//
+// Only a supernode we cannot reach is an error (the agent then goes
+// alone); one that stays connected but does not answer in time counts as
+// a refusal, so the agent keeps waiting on the swarm.
 func (t *trackerClient) permit(ctx context.Context) (bool, time.Duration, error) {
 	resp, err := t.call(ctx, swarmproto.TrackerRequest{Op: swarmproto.OpPermit, Want: -1})
+	if errors.Is(err, errLate) && ctx.Err() == nil && t.alive() {
+		return false, 0, nil
+	}
 	if err != nil {
 		return false, 0, err
 	}
