@@ -41,6 +41,7 @@ type Config struct {
 	Registries   config.Strings  `yaml:"registry"`
 	CAFile       string          `yaml:"ca-file"`
 	AuthTTL      config.Duration `yaml:"auth-ttl"`
+	ScrubRate    config.Bytes    `yaml:"scrub-rate"`
 	CacheSize    config.Bytes    `yaml:"cache-size"`
 	PieceSize    config.Bytes    `yaml:"piece-size"`
 	FetchTimeout config.Duration `yaml:"fetch-timeout"`
@@ -75,6 +76,7 @@ func DefaultConfig() Config {
 		MetricsListen: DefaultMetricsListen,
 		DataDir:       "/var/lib/starling/agent",
 		AuthTTL:       config.Duration(5 * time.Minute),
+		ScrubRate:     config.Bytes(DefaultScrubRate),
 		PieceSize:     config.Bytes(piece.DefaultSize),
 		FetchTimeout:  config.Duration(30 * time.Minute),
 		LogLevel:      "info",
@@ -93,7 +95,8 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "where blobs and metadata are kept")
 	fs.Var(&c.Registries, "registry", "upstream registry to mirror, e.g. https://harbor.example.com, http://127.0.0.1:5055, docker.io (repeatable; the first is the default for clients that send no ?ns=)")
 	fs.StringVar(&c.CAFile, "ca-file", c.CAFile, "extra PEM CA bundle trusted for upstream TLS")
-	fs.Var(&c.AuthTTL, "auth-ttl", "how long upstream's answer to a client's credentials is reused before cached content is served to it again; negative serves cached content to anyone")
+	fs.Var(&c.AuthTTL, "auth-ttl", "how long upstream's answer that a client's credentials may read a digest in a repository is reused before it is asked again; negative serves cached content to anyone")
+	fs.Var(&c.ScrubRate, "scrub-rate", "re-hash complete blobs in the background at most this many bytes/s, quarantining (and later fetching again) any that fail; 0 = off")
 	fs.Var(&c.CacheSize, "cache-size", "disk quota for complete blobs, e.g. 50GiB; least recently used blobs are evicted (0 = no limit)")
 	fs.Var(&c.PieceSize, "piece-size", "piece size for blobs fetched from upstream")
 	fs.Var(&c.FetchTimeout, "fetch-timeout", "upper bound on one blob fetch")
@@ -145,6 +148,10 @@ type Agent struct {
 	supernodes []string
 	log        *zap.Logger
 }
+
+// DefaultScrubRate re-hashes a 100 GiB cache about once every 3.5 hours at
+// a few percent of one core.
+const DefaultScrubRate = 8 << 20
 
 // withdrawTimeout bounds telling the tracker a blob is gone.
 const withdrawTimeout = 30 * time.Second
@@ -439,6 +446,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { a.CheckConfig(gctx); return nil })
 	g.Go(func() error { return a.Serve(gctx, ln) })
+	g.Go(func() error { a.store.Scrub(gctx, int64(cfg.ScrubRate)); return nil })
 	if mln != nil {
 		g.Go(func() error { return httpserve.Serve(gctx, mln, a.MetricsHandler(), time.Second) })
 	}

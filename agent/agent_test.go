@@ -409,7 +409,7 @@ func must[T any](v T, err error) T {
 }
 
 // BenchmarkWarmBlobServe serves a cached 64 MiB blob through the proxy
-// over loopback HTTP (sendfile path).
+// over loopback HTTP (re-hashed as it is read).
 func BenchmarkWarmBlobServe(b *testing.B) {
 	up := testregistry.New(b)
 	img := up.Push(b, "app:v1", 1, 64<<20)

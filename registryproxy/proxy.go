@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -40,13 +39,6 @@ type Blob interface {
 	io.ReaderAt
 	Size() int64
 	Close() error
-}
-
-// FileBlob is a Blob backed by a complete file; the proxy sends it with
-// sendfile when it can.
-type FileBlob interface {
-	Blob
-	File() *os.File
 }
 
 // BlobSource supplies blob bytes.
@@ -522,28 +514,9 @@ func (p *Proxy) headUpstream(w http.ResponseWriter, r *http.Request, reg upstrea
 	return nil
 }
 
-// sendChunk is the most one write of a complete blob sends.
-const sendChunk = 4 << 20
-
-// copyRange streams the range, with sendfile for complete files.
+// copyRange streams the range. (Complete blobs go through the Blob too,
+// not sendfile: the blob cache re-hashes them as they are read.)
 func copyRange(w io.Writer, blob Blob, rng ByteRange) error {
-	if fb, ok := blob.(FileBlob); ok {
-		f := fb.File()
-		if _, err := f.Seek(rng.Start, io.SeekStart); err != nil {
-			return fmt.Errorf("seek blob: %w", err)
-		}
-		// In bounded chunks (each one sendfile): the server's write
-		// deadline is per write, so that a client that stops reading is
-		// cut off while a slow one is not.
-		for left := rng.Len(); left > 0; {
-			n, err := io.CopyN(w, f, min(left, sendChunk))
-			left -= n
-			if err != nil {
-				return err
-			}
-		}
-		return nil
-	}
 	_, err := io.Copy(w, io.NewSectionReader(blob, rng.Start, rng.Len()))
 	return err
 }
@@ -567,15 +540,5 @@ func (s *statusWriter) Write(b []byte) (int, error) {
 	}
 	n, err := s.ResponseWriter.Write(b)
 	s.bytes += int64(n)
-	return n, err
-}
-
-// ReadFrom keeps sendfile working through the wrapper.
-func (s *statusWriter) ReadFrom(r io.Reader) (int64, error) {
-	if s.status == 0 {
-		s.status = http.StatusOK
-	}
-	n, err := io.Copy(s.ResponseWriter, r)
-	s.bytes += n
 	return n, err
 }

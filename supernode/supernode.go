@@ -58,6 +58,7 @@ type Config struct {
 	FetchTimeout config.Duration `yaml:"fetch-timeout"`
 	TagTTL       config.Duration `yaml:"tag-ttl"`
 	AuthTTL      config.Duration `yaml:"auth-ttl"`
+	ScrubRate    config.Bytes    `yaml:"scrub-rate"`
 	LogLevel     string          `yaml:"log-level"`
 	AddrFile     string          `yaml:"addr-file"`
 	HTTPListen   string          `yaml:"http-listen"`
@@ -85,6 +86,7 @@ func DefaultConfig() Config {
 		FetchTimeout:     config.Duration(30 * time.Minute),
 		TagTTL:           config.Duration(time.Second),
 		AuthTTL:          config.Duration(5 * time.Minute),
+		ScrubRate:        config.Bytes(8 << 20),
 		LogLevel:         "info",
 		MetricsListen:    DefaultMetricsListen,
 		PreheatPlatforms: config.Strings{Values: []string{"linux/amd64"}},
@@ -107,6 +109,7 @@ func (c *Config) BindFlags(fs *flag.FlagSet) {
 	fs.Var(&c.CacheSize, "cache-size", "disk quota for seeded blobs (0 = no limit)")
 	fs.Var(&c.FetchTimeout, "fetch-timeout", "upper bound on one upstream blob fetch")
 	fs.Var(&c.TagTTL, "tag-ttl", "how long a tag's resolution upstream answers every agent (0 = each request goes upstream)")
+	fs.Var(&c.ScrubRate, "scrub-rate", "re-hash seeded blobs in the background at most this many bytes/s, dropping any that fail (seeded again on the next poll); 0 = off")
 	fs.Var(&c.AuthTTL, "auth-ttl", "how long upstream's answer that a client's credentials may read a manifest or blob in a repository is reused before it is asked again")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&c.AddrFile, "addr-file", c.AddrFile, "write the dialable addresses as JSON to this file once listening")
@@ -390,6 +393,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { <-gctx.Done(); return nil })
 	g.Go(func() error { s.CheckConfig(gctx); return nil })
+	g.Go(func() error { s.store.Scrub(gctx, int64(cfg.ScrubRate)); return nil })
 	for _, sv := range servers {
 		g.Go(func() error { return httpserve.Serve(gctx, sv.ln, sv.h, 5*time.Second) })
 	}

@@ -6,8 +6,12 @@ package blobcache
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
+	"io"
 	"os"
 	"slices"
 	"sync"
@@ -65,7 +69,7 @@ func (c *Cache) OpenBlob(ctx context.Context, req registryproxy.BlobRequest) (re
 	for range 2 {
 		f, size, err := c.store.Open(req.Digest)
 		if err == nil {
-			return &fileBlob{f: f, size: size}, nil
+			return newFileBlob(f, size, req.Digest, c.store), nil
 		}
 		if !errors.Is(err, store.ErrNotFound) {
 			return nil, err
@@ -201,15 +205,81 @@ func (c *Cache) Close() {
 	c.wg.Wait()
 }
 
+// fileBlob serves a complete blob's file while re-hashing it, so that a
+// file corrupted since it was committed (bit rot, an operator's mistake)
+// is never served whole: a read from byte 0 onwards (a whole-blob GET) is
+// hashed as it goes, and the read that would return the last byte fails
+// instead if the digest is wrong; any other read (a Range) first hashes
+// the whole file. A corrupt blob is quarantined, so the next request
+// fetches it again.
 type fileBlob struct {
-	f    *os.File
-	size int64
+	f      *os.File
+	size   int64
+	digest string
+	store  *store.Store
+
+	mu   sync.Mutex
+	h    hash.Hash
+	next int64 // bytes hashed in order from 0
+	ok   bool  // the whole file matched its digest
+	bad  error
 }
 
-func (b *fileBlob) ReadAt(p []byte, off int64) (int, error) { return b.f.ReadAt(p, off) }
-func (b *fileBlob) Size() int64                             { return b.size }
-func (b *fileBlob) Close() error                            { return b.f.Close() }
-func (b *fileBlob) File() *os.File                          { return b.f }
+func newFileBlob(f *os.File, size int64, digest string, st *store.Store) *fileBlob {
+	return &fileBlob{f: f, size: size, digest: digest, store: st, h: sha256.New()}
+}
+
+func (b *fileBlob) ReadAt(p []byte, off int64) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case b.bad != nil:
+		return 0, b.bad
+	case b.ok:
+		return b.f.ReadAt(p, off)
+	case off != b.next:
+		if err := b.checkAll(); err != nil {
+			return 0, err
+		}
+		return b.f.ReadAt(p, off)
+	}
+	n, err := b.f.ReadAt(p, off)
+	b.h.Write(p[:n])
+	b.next += int64(n)
+	if b.next == b.size {
+		if err := b.finish(); err != nil {
+			return 0, err // withholds the bytes that would complete the blob
+		}
+	}
+	return n, err
+}
+
+// checkAll hashes the whole file from 0.
+func (b *fileBlob) checkAll() error {
+	b.h.Reset()
+	b.next = 0
+	n, err := io.Copy(b.h, io.NewSectionReader(b.f, 0, b.size))
+	if err != nil {
+		return fmt.Errorf("verify %s: %w", b.digest, err)
+	}
+	b.next = n
+	return b.finish()
+}
+
+// finish compares the hash of the whole file with the digest.
+func (b *fileBlob) finish() error {
+	got := "sha256:" + hex.EncodeToString(b.h.Sum(nil))
+	if b.next == b.size && got == b.digest {
+		b.ok = true
+		return nil
+	}
+	b.bad = fmt.Errorf("%w: %s hashes to %s", store.ErrCorrupt, b.digest, got)
+	b.store.Quarantine(b.digest, b.bad)
+	return b.bad
+}
+
+func (b *fileBlob) Size() int64  { return b.size }
+func (b *fileBlob) Close() error { return b.f.Close() }
 
 // partialBlob streams a blob that is still being filled. The context is
 // the client's request: a reader waits no longer than its client does.

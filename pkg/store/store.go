@@ -261,7 +261,11 @@ func (s *Store) deleteMeta(digest string) error {
 
 // Open returns the complete blob's file and size, or ErrNotFound. It counts
 // as a use for LRU eviction.
-func (s *Store) Open(digest string) (*os.File, int64, error) {
+func (s *Store) Open(digest string) (*os.File, int64, error) { return s.open(digest, true) }
+
+// open is Open; touch says whether it counts as a use (a scrub's read
+// does not).
+func (s *Store) open(digest string, touch bool) (*os.File, int64, error) {
 	hex, err := hexOf(digest)
 	if err != nil {
 		return nil, 0, err
@@ -282,7 +286,7 @@ func (s *Store) Open(digest string) (*os.File, int64, error) {
 	}
 	// Rewriting the record on every read would make badger the bottleneck
 	// of warm serving; minute resolution is plenty for LRU.
-	if now := s.now().Unix(); now-m.LastAccess >= 60 {
+	if now := s.now().Unix(); touch && now-m.LastAccess >= 60 {
 		m.LastAccess = now
 		if err := s.putMeta(digest, m); err != nil {
 			s.log.Warn("update last access", zap.String("digest", digest), zap.Error(err))
