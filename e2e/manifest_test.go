@@ -2,11 +2,16 @@ package e2e
 
 import (
 	"bytes"
+	"encoding/base64"
+	"io"
 	"net/http"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/starling-oci/starling/e2e/harness"
 )
@@ -148,5 +153,76 @@ func TestContainerdManifestFallbackWithSupernodeDown(t *testing.T) {
 	}
 	if fromAgent == 0 {
 		t.Errorf("no manifest request from the agent: the fallback did not run:\n%s", harness.FormatRequests(reqs))
+	}
+}
+
+// TestContainerdPrivateManifestNeedsCredentials: a registry with htpasswd
+// auth. containerd with the right credentials pulls through its agent (the
+// supernode checks them upstream); another containerd without credentials,
+// through another agent of the same swarm, gets nothing, though the
+// supernode and the first agent hold the manifest; raw requests with no or
+// wrong credentials are refused by both agents too.
+func TestContainerdPrivateManifestNeedsCredentials(t *testing.T) {
+	t.Parallel()
+	harness.RequireTool(t, "docker-registry", "containerd", "ctr")
+	harness.RequireRoot(t)
+	bin := harness.BuildStarling(t)
+
+	reg := harness.StartRegistry(t, harness.RegistryOptions{Users: map[string]string{"alice": "s3cret"}})
+	const repo = "e2e/private-manifests"
+	img, ref := harness.PushRandomImage(t, reg.Addr(), repo, "v1", 1, 128<<10,
+		remote.WithAuth(&authn.Basic{Username: "alice", Password: "s3cret"}))
+	key := newSwarmKey(t, bin)
+	sn := startSupernode(t, bin, reg, key)
+	agents := []*harness.Agent{startSwarmAgent(t, bin, reg, key, sn), startSwarmAgent(t, bin, reg, key, sn)}
+	ctds := []*harness.Containerd{harness.StartContainerd(t), harness.StartContainerd(t)}
+	var hostsDirs []string
+	for i, ctd := range ctds {
+		dir := filepath.Join(ctd.Dir(), "hosts")
+		if err := harness.WriteHostsToml(dir, reg.Addr(), agents[i].MirrorAddr()); err != nil {
+			t.Fatal(err)
+		}
+		hostsDirs = append(hostsDirs, dir)
+	}
+	if err := ctds[0].Pull(t, ref.String(), hostsDirs[0], "--user", "alice:s3cret"); err != nil {
+		t.Fatalf("containerd with credentials: %v", err)
+	}
+	assertContainerdContent(t, ctds[0], img)
+	if err := ctds[1].Pull(t, ref.String(), hostsDirs[1]); err == nil {
+		t.Fatal("containerd without credentials pulled a private image")
+	}
+	// containerd falls back to the registry itself on any mirror failure:
+	// the pull with credentials must not have needed that.
+	for _, q := range waitSentinel(t, reg) {
+		if strings.HasPrefix(q.UserAgent, "containerd/") && q.Status == http.StatusOK {
+			t.Errorf("containerd got content from the registry itself: %+v", q)
+		}
+	}
+	digest, err := img.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrong := "Basic " + base64.StdEncoding.EncodeToString([]byte("alice:wrong"))
+	for _, ag := range agents {
+		for _, r := range []string{"v1", digest.String()} {
+			for _, authz := range []string{"", wrong} {
+				req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, ag.MirrorURL()+"/v2/"+repo+"/manifests/"+r+"?ns="+reg.Addr(), nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if authz != "" {
+					req.Header.Set("Authorization", authz)
+				}
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusUnauthorized {
+					t.Errorf("%s: %s with Authorization %q: %d, want 401", ag.Name(), r, authz, resp.StatusCode)
+				}
+			}
+		}
 	}
 }
