@@ -94,12 +94,19 @@ func TestPrivateBlobDoesNotLeakThroughTheSwarm(t *testing.T) {
 	if err := h.Connect(context.Background(), snInfo); err != nil {
 		t.Fatal(err)
 	}
-	for _, c := range []struct{ repo, authz string }{{"public/base", ""}, {"private/app", ""}, {"private/app", "Bearer other"}} {
+	// Also a private blob nobody pulled yet: the refused poll must not
+	// make the seed fetch it.
+	fetches := sn.SeedFetches()
+	cfgDigest, _ := priv.ConfigName()
+	for _, c := range []struct{ repo, authz, digest string }{
+		{"public/base", "", d.String()}, {"private/app", "", d.String()}, {"private/app", "Bearer other", d.String()},
+		{"public/base", "", cfgDigest.String()}, {"private/app", "", cfgDigest.String()},
+	} {
 		s, err := h.NewStream(context.Background(), snInfo.ID, swarmproto.TrackerProtocol)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := wire.WriteMsg(s, swarmproto.TrackerRequest{Op: swarmproto.OpPoll, Digest: d.String(), Registry: up.Host(),
+		if err := wire.WriteMsg(s, swarmproto.TrackerRequest{Op: swarmproto.OpPoll, Digest: c.digest, Registry: up.Host(),
 			Repo: c.repo, Authorization: c.authz, Addrs: []string{h.Addrs()[0].String()}, Want: -1}); err != nil {
 			t.Fatal(err)
 		}
@@ -109,8 +116,11 @@ func TestPrivateBlobDoesNotLeakThroughTheSwarm(t *testing.T) {
 		}
 		s.Close()
 		if resp.Error == "" || len(resp.Pieces) > 0 || len(resp.Peers) > 0 || resp.Size >= 0 {
-			t.Errorf("poll for %s with authorization %q: error %q, %d pieces, %d peers, size %d; want a refusal",
-				c.repo, c.authz, resp.Error, len(resp.Pieces), len(resp.Peers), resp.Size)
+			t.Errorf("poll for %s in %s with authorization %q: error %q, %d pieces, %d peers, size %d; want a refusal",
+				c.digest, c.repo, c.authz, resp.Error, len(resp.Pieces), len(resp.Peers), resp.Size)
 		}
+	}
+	if got := sn.SeedFetches(); got != fetches {
+		t.Errorf("refused polls started %d seed fetches", got-fetches)
 	}
 }

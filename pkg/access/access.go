@@ -19,6 +19,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sync/singleflight"
+
 	"github.com/starling-oci/starling/pkg/ocierr"
 	"github.com/starling-oci/starling/pkg/upstream"
 )
@@ -39,7 +41,14 @@ type Checker struct {
 
 	mu   sync.Mutex
 	seen map[string]time.Time
+	// flight makes concurrent checks of one grant (a rollout's agents
+	// polling one blob with the same credentials) one upstream HEAD.
+	flight singleflight.Group
 }
+
+// headTimeout bounds one upstream check, shared by every caller waiting
+// on it, so that one caller going away does not fail the others.
+const headTimeout = 30 * time.Second
 
 // maxEntries bounds memory against clients cycling tokens or digests
 // (about 200 bytes an entry).
@@ -169,9 +178,26 @@ func (c *Checker) check(ctx context.Context, reg upstream.Registry, repo string,
 	if c.Allowed(reg.Host, repo, digest, authorization) {
 		return false, nil
 	}
-	resp, err := c.up.Do(ctx, upstream.Request{
-		Registry: reg, Repo: repo, Method: http.MethodHead, Path: string(kind) + "/" + digest, Authorization: authorization,
+	ch := c.flight.DoChan(key(reg.Host, repo, digest, authorization), func() (any, error) {
+		hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), headTimeout)
+		defer cancel()
+		resp, err := c.up.Do(hctx, upstream.Request{
+			Registry: reg, Repo: repo, Method: http.MethodHead, Path: string(kind) + "/" + digest, Authorization: authorization,
+		})
+		if err != nil {
+			return nil, err
+		}
+		resp.Body.Close()
+		c.Allow(reg.Host, repo, digest, authorization)
+		return nil, nil
 	})
+	var err error
+	select {
+	case r := <-ch:
+		err = r.Err
+	case <-ctx.Done():
+		return false, fmt.Errorf("check access to %s in %s/%s: %w", digest, reg.Host, repo, ctx.Err())
+	}
 	if err != nil {
 		if upstream.IsUnavailable(err) && c.AllowedStale(reg.Host, repo, digest, authorization) {
 			return false, nil
@@ -183,7 +209,5 @@ func (c *Checker) check(ctx context.Context, reg upstream.Registry, repo string,
 		return false, &ocierr.Error{Status: http.StatusBadGateway, Code: ocierr.Unavailable,
 			Message: "cannot confirm access: upstream unreachable: " + upstream.Cause(err), Cause: fmt.Errorf("check access: %w", err)}
 	}
-	resp.Body.Close()
-	c.Allow(reg.Host, repo, digest, authorization)
 	return true, nil
 }
