@@ -14,6 +14,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"time"
 
@@ -179,13 +180,39 @@ func (p *progressWriter) Write(b []byte) (int, error) {
 	return p.ResponseWriter.Write(b)
 }
 
-// ReadFrom keeps sendfile working through the wrapper.
+// ReadFrom keeps sendfile working through the wrapper for files, whose
+// bytes are all there. Any other source (a blob still arriving from the
+// swarm) may wait between chunks longer than the deadline: the deadline
+// is moved after each read, so it measures the client's reading only.
 func (p *progressWriter) ReadFrom(r io.Reader) (int64, error) {
 	p.extend()
+	if !isFile(r) {
+		r = extendingReader{r: r, p: p}
+	}
 	if rf, ok := p.ResponseWriter.(io.ReaderFrom); ok {
 		return rf.ReadFrom(r)
 	}
 	return io.Copy(p.ResponseWriter, r)
+}
+
+func isFile(r io.Reader) bool {
+	if lr, ok := r.(*io.LimitedReader); ok {
+		r = lr.R
+	}
+	_, ok := r.(*os.File)
+	return ok
+}
+
+// extendingReader moves the write deadline after each read of the body.
+type extendingReader struct {
+	r io.Reader
+	p *progressWriter
+}
+
+func (e extendingReader) Read(b []byte) (int, error) {
+	n, err := e.r.Read(b)
+	e.p.extend()
+	return n, err
 }
 
 // Flush implements http.Flusher.

@@ -3,6 +3,7 @@ package httpserve_test
 import (
 	"bufio"
 	"context"
+	"io"
 	"net"
 	"net/http"
 	"testing"
@@ -96,4 +97,42 @@ func TestClientThatDoesNotReadIsCutOff(t *testing.T) {
 		t.Fatal("the handler is still blocked writing to a client that reads nothing after 20 s")
 	}
 	waitClosed(t, closed, "stuck client")
+}
+
+// slowSource is a body whose bytes come late: a blob still arriving from
+// the swarm.
+type slowSource struct {
+	delay time.Duration
+	left  int
+}
+
+func (s *slowSource) Read(b []byte) (int, error) {
+	if s.left == 0 {
+		return 0, io.EOF
+	}
+	<-time.After(s.delay)
+	n := min(len(b), s.left, 1024)
+	s.left -= n
+	return n, nil
+}
+
+// The write deadline measures the client's reading, not how long the body
+// takes to arrive: a response copied (ReadFrom) from a source that waits
+// longer than WriteIdle between chunks still reaches a reading client.
+// Fails when the deadline is set once per ReadFrom: in a slow 100-node
+// storm every pull ended in EOF before the headers.
+func TestSlowBodyIsNotCutOff(t *testing.T) {
+	addr, _ := serve(t, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Length", "2048")
+		_, _ = io.Copy(w, &slowSource{delay: 400 * time.Millisecond, left: 2048})
+	}), httpserve.Options{WriteIdle: 150 * time.Millisecond})
+	resp, err := http.Get("http://" + addr + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || len(body) != 2048 {
+		t.Fatalf("read %d of 2048 bytes: %v", len(body), err)
+	}
 }
