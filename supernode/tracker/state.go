@@ -38,6 +38,11 @@ type Config struct {
 	// (2), each for a lease of PermitLease (1 min, renewable).
 	Permits     int
 	PermitLease time.Duration
+	// PermitQuiet: a permit is granted only when no member and not the
+	// seed gained a piece of the blob for this long (10 s): a swarm that
+	// progresses, however slowly, will reach the asker. PermitWait bounds
+	// that rule (2 min): an asker refused for so long gets a free permit.
+	PermitQuiet, PermitWait time.Duration
 	// MaxBlobs bounds the swarms held (4096), MaxBlobsPerPeer the swarms
 	// one peer is in (512), MaxPeersPerBlob the members of one (65536).
 	MaxBlobs, MaxBlobsPerPeer, MaxPeersPerBlob int
@@ -75,6 +80,12 @@ func (c *Config) defaults() {
 	}
 	if c.PermitLease <= 0 {
 		c.PermitLease = time.Minute
+	}
+	if c.PermitQuiet <= 0 {
+		c.PermitQuiet = 10 * time.Second
+	}
+	if c.PermitWait <= 0 {
+		c.PermitWait = 2 * time.Minute
 	}
 	if c.MaxBlobs <= 0 {
 		c.MaxBlobs = 4096
@@ -166,8 +177,9 @@ type swarm struct {
 	holders []*member          // members holding at least one piece
 	held    []int32            // per piece: members holding it
 	offered [][]*member        // per piece: members it is on offer to
-	permits []lease
-	denied  int // permits refused, for the status API
+	permits  []lease
+	denied   int       // permits refused, for the status API
+	progress time.Time // last time a member or the seed gained a piece
 }
 
 type member struct {
@@ -179,7 +191,8 @@ type member struct {
 	have     []byte
 	count    int
 	seen     time.Time
-	offers   []int // seed pieces on offer to it
+	offers   []int     // seed pieces on offer to it
+	refused  time.Time // first permit refusal since its last grant (zero: none)
 	pos      int   // index in members
 	hpos     int   // index in holders, -1 if none
 	gone     bool
@@ -233,7 +246,7 @@ func (st *State) lookup(digest string, create bool, now time.Time) (*swarm, erro
 	}
 	s = &swarm{
 		rng:    rand.New(rand.NewPCG(st.rng.Uint64(), st.rng.Uint64())),
-		digest: digest, size: -1, touched: now,
+		digest: digest, size: -1, touched: now, progress: now,
 		index: map[peer.ID]*member{}, byStr: map[string]*member{},
 	}
 	s.version = st.version.Add(1)
@@ -536,6 +549,7 @@ func (st *State) setHave(s *swarm, m *member, have []byte, now time.Time) {
 	}
 	if st.setBits(s, m, have) {
 		s.bump(st, now)
+		s.progress = now
 	}
 	if m.count == s.n {
 		st.release(s, m) // a complete member needs no permit
@@ -827,11 +841,20 @@ func (st *State) permit(s *swarm, m *member, now time.Time) *swarmproto.TrackerR
 			return resp
 		}
 	}
-	if len(s.permits) < st.cfg.Permits {
+	// A swarm that gained a piece lately is slow, not dead: its pieces will
+	// reach the asker. Only a quiet swarm (or an asker refused for
+	// PermitWait) sends anyone to the registry, and at most Permits at once.
+	quiet := now.Sub(s.progress) >= st.cfg.PermitQuiet
+	waited := !m.refused.IsZero() && now.Sub(m.refused) >= st.cfg.PermitWait
+	if len(s.permits) < st.cfg.Permits && (quiet || waited) {
 		s.permits = append(s.permits, lease{m: m, until: now.Add(st.cfg.PermitLease)})
 		resp.Permit, resp.PermitTTL = true, st.cfg.PermitLease.Milliseconds()
-	} else {
-		s.denied++
+		m.refused = time.Time{}
+		return resp
+	}
+	s.denied++
+	if m.refused.IsZero() {
+		m.refused = now
 	}
 	return resp
 }
@@ -897,7 +920,9 @@ func (st *State) SetMetainfo(now time.Time, m *piece.Metainfo, seedHave []byte) 
 		for _, c := range m.Pieces {
 			s.pieces = append(s.pieces, c.String())
 		}
-		st.setSeedHave(s, seedHave)
+		if st.setSeedHave(s, seedHave) {
+			s.progress = now
+		}
 		s.seedErr, s.seedCode, s.seeding = "", 0, false
 		s.bump(st, now)
 		return nil
@@ -922,6 +947,7 @@ func (st *State) SetSeedHave(now time.Time, digest string, have []byte) {
 	_ = st.locked(digest, false, now, func(s *swarm) error {
 		if s != nil && st.setSeedHave(s, have) {
 			s.bump(st, now)
+			s.progress = now
 		}
 		return nil
 	})

@@ -335,8 +335,9 @@ func TestCorruptPeerAndWithdrawnBlobLeaveTheSwarm(t *testing.T) {
 }
 
 func TestBackToSourcePermitsAreBounded(t *testing.T) {
-	st := newState(Config{Permits: 2, PermitLease: time.Minute})
+	st := newState(Config{Permits: 2, PermitLease: time.Minute, PermitQuiet: 10 * time.Second})
 	sized(t, st)
+	t1 := t0.Add(time.Minute) // the swarm has been quiet since t0
 	ask := func(id string, now time.Time) bool {
 		resp := st.Handle(now, asker(id), &swarmproto.TrackerRequest{Op: swarmproto.OpPermit, Digest: digest, Want: -1}).Resp
 		if resp.Error != "" {
@@ -344,29 +345,52 @@ func TestBackToSourcePermitsAreBounded(t *testing.T) {
 		}
 		return resp.Permit
 	}
-	if !ask("a", t0) || !ask("b", t0) {
+	if !ask("a", t1) || !ask("b", t1) {
 		t.Fatal("the first two askers got no permit")
 	}
-	if ask("c", t0) {
+	if ask("c", t1) {
 		t.Fatal("a third permit was granted while two leases run")
 	}
-	if !ask("a", t0) {
+	if !ask("a", t1) {
 		t.Fatal("a holder could not renew its lease")
 	}
-	st.Handle(t0, asker("a"), &swarmproto.TrackerRequest{Op: swarmproto.OpRelease, Digest: digest, Want: -1})
-	if !ask("c", t0) {
+	st.Handle(t1, asker("a"), &swarmproto.TrackerRequest{Op: swarmproto.OpRelease, Digest: digest, Want: -1})
+	if !ask("c", t1) {
 		t.Fatal("no permit after a release")
 	}
-	if ask("d", t0.Add(30*time.Second)) {
+	if ask("d", t1.Add(30*time.Second)) {
 		t.Fatal("permit granted before any lease ended")
 	}
-	// b completes: a complete member needs no permit.
-	st.Handle(t0, asker("b"), haveReq(bitmap(4, 0, 1, 2, 3)))
-	if !ask("d", t0.Add(30*time.Second)) {
-		t.Fatal("no permit after a holder completed")
+	// b completes: a complete member needs no permit, and the swarm moved.
+	st.Handle(t1.Add(30*time.Second), asker("b"), haveReq(bitmap(4, 0, 1, 2, 3)))
+	if ask("d", t1.Add(30*time.Second)) {
+		t.Fatal("permit granted while the swarm is progressing")
 	}
-	if !ask("e", t0.Add(2*time.Minute)) {
+	if !ask("d", t1.Add(45*time.Second)) {
+		t.Fatal("no permit once the swarm was quiet again and a lease was free")
+	}
+	if !ask("e", t1.Add(3*time.Minute)) {
 		t.Fatal("no permit after every lease expired")
+	}
+}
+
+// A swarm that keeps gaining pieces is slow, not dead: nobody goes to the
+// registry while it does, except an asker refused for PermitWait.
+func TestProgressingSwarmGrantsNoPermitUntilTheWaitRunsOut(t *testing.T) {
+	st := newState(Config{PermitQuiet: 10 * time.Second, PermitWait: 2 * time.Minute})
+	sized(t, st)
+	ask := func(now time.Time) bool {
+		return st.Handle(now, asker("stuck"), &swarmproto.TrackerRequest{Op: swarmproto.OpPermit, Digest: digest, Want: -1}).Resp.Permit
+	}
+	for k := range 12 { // a piece every 10 s somewhere in the swarm
+		now := t0.Add(time.Duration(k) * 10 * time.Second)
+		st.Handle(now, asker(fmt.Sprint("p", k)), haveReq(bitmap(4, k%4)))
+		if ask(now.Add(time.Second)) {
+			t.Fatalf("permit granted %v into a progressing swarm", now.Add(time.Second).Sub(t0))
+		}
+	}
+	if !ask(t0.Add(2*time.Minute + 2*time.Second)) {
+		t.Fatal("an asker refused for 2 min still got no permit")
 	}
 }
 
