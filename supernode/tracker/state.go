@@ -171,12 +171,12 @@ type swarm struct {
 	seedCode  int
 	seeding   bool // a seed fetch was asked for and has not reported back
 
-	members []*member // members, for sampling
-	index   map[peer.ID]*member
-	byStr   map[string]*member // by encoded ID, for failure reports
-	holders []*member          // members holding at least one piece
-	held    []int32            // per piece: members holding it
-	offered [][]*member        // per piece: members it is on offer to
+	members  []*member // members, for sampling
+	index    map[peer.ID]*member
+	byStr    map[string]*member // by encoded ID, for failure reports
+	holders  []*member          // members holding at least one piece
+	held     []int32            // per piece: members holding it
+	offered  [][]*member        // per piece: members it is on offer to
 	permits  []lease
 	denied   int       // permits refused, for the status API
 	progress time.Time // last time a member or the seed gained a piece
@@ -193,8 +193,8 @@ type member struct {
 	seen     time.Time
 	offers   []int     // seed pieces on offer to it
 	refused  time.Time // first permit refusal since its last grant (zero: none)
-	pos      int   // index in members
-	hpos     int   // index in holders, -1 if none
+	pos      int       // index in members
+	hpos     int       // index in holders, -1 if none
 	gone     bool
 }
 
