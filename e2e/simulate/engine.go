@@ -88,6 +88,8 @@ type flow struct {
 	left           float64
 	rate           float64 // bytes/s
 	sShare, dShare float64 // what the src and dst ports allot it
+	hShare         float64 // what the host CPU allots it (when modelled)
+	hi             int     // position in the host port's flows
 	last           int64   // when left was last brought up to date
 	ver            uint32  // bumps on each rate change: stale completion events are ignored
 	si, di         int     // positions in src.flows and dst.flows
@@ -102,6 +104,10 @@ func (s *sim) startFlow(src, dst *port, bytes int64, done, fail func()) *flow {
 	src.flows = append(src.flows, f)
 	f.di = len(dst.flows)
 	dst.flows = append(dst.flows, f)
+	if h := s.host; h != nil {
+		f.hi = len(h.flows)
+		h.flows = append(h.flows, f)
+	}
 	s.changed(src, dst)
 	return f
 }
@@ -109,6 +115,17 @@ func (s *sim) startFlow(src, dst *port, bytes int64, done, fail func()) *flow {
 // changed refills the two ports whose flow sets changed and updates the
 // rates of their flows.
 func (s *sim) changed(src, dst *port) {
+	if h := s.host; h != nil {
+		// One machine's CPU is shared equally by every transfer on it.
+		for _, f := range h.flows {
+			f.hShare = h.cap / float64(len(h.flows))
+		}
+		defer func() {
+			for _, f := range h.flows {
+				s.rerate(f)
+			}
+		}()
+	}
 	s.fill(src, true)
 	s.fill(dst, false)
 	for _, f := range src.flows {
@@ -166,6 +183,9 @@ func (s *sim) rerate(f *flow) {
 	f.left -= f.rate * float64(s.now-f.last) / 1e9
 	f.last = s.now
 	r := math.Min(f.sShare, f.dShare)
+	if s.host != nil {
+		r = math.Min(r, f.hShare)
+	}
 	if r == f.rate {
 		return
 	}
@@ -196,6 +216,9 @@ func (s *sim) endFlow(f *flow, completed bool) {
 	f.dst.moved += moved
 	detach(&f.src.flows, f.si, func(g *flow, i int) { g.si = i })
 	detach(&f.dst.flows, f.di, func(g *flow, i int) { g.di = i })
+	if h := s.host; h != nil {
+		detach(&h.flows, f.hi, func(g *flow, i int) { g.hi = i })
+	}
 	s.changed(f.src, f.dst)
 	if completed {
 		if f.done != nil {

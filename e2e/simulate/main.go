@@ -151,6 +151,8 @@ func mainErr(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.BoolVar(&cfg.HaveInAnswers, "have-in-answers", true, "piece answers carry the server's bitmap (as pkg/pieceserver's do; false to see what that is worth)")
 	fs.Float64Var(&cfg.TrackerBlobRate, "tracker-blob-rate", 0, "tracker: requests per second per blob its interval aims at (0: its default)")
 	fs.Float64Var(&cfg.TrackerTotalRate, "tracker-total-rate", 0, "tracker: requests per second overall its interval aims at (0: its default)")
+	fs.IntVar(&cfg.HostCores, "host-cores", 0, "model every node on one machine with this many cores (the loopback pull storm); 0 = separate machines")
+	fs.Float64Var(&cfg.HostCPUPerGB, "host-cpu-per-gb", 0, "with -host-cores: CPU-seconds the machine spends per GB of piece bytes (pullstorm reports cpu_s_per_gb)")
 	fs.IntVar(&cfg.QueueMax, "queue-max", -1, "piece server: requests that may wait for an upload slot (-1: unbounded)")
 	fs.DurationVar(&cfg.Limit, "limit", cfg.Limit, "bound on virtual time")
 	jsonPath := fs.String("json", "", "write the results as JSON to this file")

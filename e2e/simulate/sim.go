@@ -48,6 +48,11 @@ type Config struct {
 	// TrackerBlobRate and TrackerTotalRate override the tracker's request
 	// rate targets (0: its defaults).
 	TrackerBlobRate, TrackerTotalRate float64
+	// HostCores and HostCPUPerGB model every node sharing one machine (the
+	// loopback pull storm): piece bytes cost HostCPUPerGB CPU-seconds per
+	// GB moved, and the machine has HostCores cores (0: not modelled).
+	HostCores    int
+	HostCPUPerGB float64
 	// QueueMax bounds the requests waiting for a piece server's upload
 	// slot; more are answered busy at once (-1: unbounded).
 	QueueMax int
@@ -92,6 +97,7 @@ type sim struct {
 	sns      []*supernode
 	byID     map[peer.ID]*node
 	registry *port
+	host     *port // the machine's CPU, when every node runs on one (-host-cores)
 	zero     []byte
 	asks     []ask // scratch for fill
 
@@ -143,6 +149,9 @@ func newID(rng *rand.Rand) (peer.ID, error) {
 func newSim(cfg Config) (*sim, error) {
 	s := &sim{cfg: cfg, base: time.Unix(1_800_000_000, 0), rng: rand.New(rand.NewPCG(cfg.Seed, 0x5eed)), byID: map[peer.ID]*node{}}
 	s.registry = newPort(cfg.RegistryBW)
+	if cfg.HostCores > 0 && cfg.HostCPUPerGB > 0 {
+		s.host = &port{cap: float64(cfg.HostCores) / cfg.HostCPUPerGB * 1e9}
+	}
 	s.zero = make([]byte, cfg.PieceSize)
 
 	var owners []string

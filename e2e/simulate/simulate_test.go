@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -138,5 +140,68 @@ func TestStalledSwarmDoesNotStormTheRegistry(t *testing.T) {
 	}
 	if r.Fallbacks >= cfg.Nodes/2 {
 		t.Errorf("%d of %d agents went to the registry", r.Fallbacks, cfg.Nodes)
+	}
+}
+
+// TestRealityCheck runs the same small storm as real processes (the pull
+// storm: a supernode and agents on loopback, an in-process registry) and
+// in the simulator, and checks that they agree on the completion time
+// within 25%. When the real run was bound by this machine's CPU (it used
+// more than 80% of the cores), the simulator is told that machine: its
+// cores, and the CPU the real run spent per GB (from its own report).
+func TestRealityCheck(t *testing.T) {
+	dir := t.TempDir()
+	storm := filepath.Join(dir, "pullstorm")
+	if out, err := exec.CommandContext(t.Context(), "go", "build", "-o", storm, "../pullstorm").CombinedOutput(); err != nil {
+		t.Fatalf("go build pullstorm: %v\n%s", err, out)
+	}
+	args := []string{"-nodes", "12", "-size", "32MiB", "-layers", "4", "-agent-bw", "4MiB", "-seed-bw", "4MiB", "-registry-bw", "20MiB"}
+	realJSON := filepath.Join(dir, "real.json")
+	cmd := exec.CommandContext(t.Context(), storm, append(args, "-mode", "p2p", "-json", realJSON)...)
+	if bin := os.Getenv("STARLING_E2E_BIN"); bin != "" {
+		cmd.Args = append(cmd.Args, "-starling-bin", bin)
+	}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("pullstorm: %v\n%s", err, out)
+	}
+	raw, err := os.ReadFile(realJSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var real struct {
+		Runs []struct {
+			Nodes       int `json:"nodes"`
+			FailedPulls int `json:"failed_pulls"`
+			CompletionS struct {
+				Max float64 `json:"max"`
+			} `json:"completion_s"`
+			CPUPerGB    float64 `json:"cpu_s_per_gb"`
+			StarlingCPU float64 `json:"starling_cpu_s"`
+			ClientsCPU  float64 `json:"clients_cpu_s"`
+		} `json:"runs"`
+	}
+	if err := json.Unmarshal(raw, &real); err != nil || len(real.Runs) != 1 || real.Runs[0].FailedPulls != 0 {
+		t.Fatalf("pullstorm JSON %s: %v", raw, err)
+	}
+	r := real.Runs[0]
+
+	cfg := Config{
+		Nodes: r.Nodes, Size: 32 << 20, Layers: 4, PieceSize: 1 << 20,
+		AgentBW: 4 << 20, SeedBW: 4 << 20, RegistryBW: 20 << 20, Latency: 100 * time.Microsecond,
+		Supernodes: 1, Cores: 1, Seed: 1, MaxInflight: 8, PerPeer: 2, AgentUploads: 4, SeedUploads: 8,
+		StallTimeout: 15 * time.Second, ClientBlobs: 3, QueueMax: -1, HaveInAnswers: true, Limit: 10 * time.Minute,
+	}
+	busy := (r.StarlingCPU + r.ClientsCPU) / (r.CompletionS.Max * float64(runtime.NumCPU()))
+	if busy > 0.8 {
+		cfg.HostCores, cfg.HostCPUPerGB = runtime.NumCPU(), r.CPUPerGB
+	}
+	sim, err := simulate(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	diff := math.Abs(sim.CompletionS.Max-r.CompletionS.Max) / r.CompletionS.Max
+	t.Logf("real %.2f s (CPU %.0f%% busy, %.1f CPU-s per GB), simulated %.2f s: %.0f%% apart", r.CompletionS.Max, busy*100, r.CPUPerGB, sim.CompletionS.Max, diff*100)
+	if diff > 0.25 {
+		t.Errorf("real storm %.2f s, simulated %.2f s: more than 25%% apart", r.CompletionS.Max, sim.CompletionS.Max)
 	}
 }
