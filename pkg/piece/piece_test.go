@@ -10,6 +10,8 @@ import (
 
 	"github.com/ipfs/go-cid"
 	"github.com/multiformats/go-multihash"
+
+	"github.com/starling-oci/starling/internal/cputime"
 )
 
 func TestCountBoundsIndex(t *testing.T) {
@@ -337,6 +339,21 @@ func BenchmarkCID(b *testing.B) {
 	for b.Loop() {
 		CID(data)
 	}
+}
+
+// BenchmarkVerify checks a 4 MiB piece against its CID, as every piece
+// received from a peer is; MB/cpu-s is the rate of one core.
+func BenchmarkVerify(b *testing.B) {
+	data := make([]byte, DefaultSize)
+	c := CID(data)
+	b.SetBytes(int64(len(data)))
+	cpu := cputime.Start()
+	for b.Loop() {
+		if err := Verify(c, data); err != nil {
+			b.Fatal(err)
+		}
+	}
+	cpu.Report(b, int64(b.N)*int64(len(data)))
 }
 
 func BenchmarkHasher(b *testing.B) {

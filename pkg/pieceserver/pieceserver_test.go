@@ -9,15 +9,14 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/starling-oci/starling/internal/cputime"
 	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/piece"
 	"github.com/starling-oci/starling/pkg/store"
@@ -142,7 +141,7 @@ func BenchmarkPieceTransfer(b *testing.B) {
 			}
 			buf := make([]byte, ps)
 			b.SetBytes(ps)
-			cpu := startCPU()
+			cpu := cputime.Start()
 			for i := 0; b.Loop(); i++ {
 				k := i % 8
 				req := swarmproto.PieceRequest{Digest: digest, PieceSize: ps, Index: k}
@@ -150,27 +149,7 @@ func BenchmarkPieceTransfer(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			cpu.report(b, int64(b.N)*ps)
+			cpu.Report(b, int64(b.N)*ps)
 		})
-	}
-}
-
-// cpuClock measures this process's CPU time (user + system).
-type cpuClock time.Duration
-
-func processCPU() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-func startCPU() cpuClock { return cpuClock(processCPU()) }
-
-// report adds MB/cpu-s: bytes moved per CPU-second the process spent.
-func (c cpuClock) report(b *testing.B, bytes int64) {
-	if used := processCPU() - time.Duration(c); used > 0 {
-		b.ReportMetric(float64(bytes)/used.Seconds()/1e6, "MB/cpu-s")
 	}
 }
