@@ -200,6 +200,9 @@ func TestAuthAndEventFiltering(t *testing.T) {
 	if got := sd.digests(); !slices.Equal(got, want) {
 		t.Errorf("seeded %v, want %v", got, want)
 	}
+	// The job counts its result after its last hand-off to the seed:
+	// Close waits for it.
+	s.Close()
 	if r, n := s.Counts(); r["ok"] != 1 || r["unauthorized"] != 3 || n != len(want) {
 		t.Errorf("counts %v %d", r, n)
 	}
