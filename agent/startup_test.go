@@ -100,9 +100,20 @@ func TestOneInfoLinePerFilledBlob(t *testing.T) {
 		t.Fatal(err)
 	}
 	mirror := httptest.NewServer(a.Handler())
-	defer func() { mirror.Close(); a.Close() }()
+	closed := false
+	defer func() {
+		if !closed {
+			mirror.Close()
+			a.Close()
+		}
+	}()
 	pull(t, mirror, "app:v1")
 	pull(t, mirror, "app:v1") // served from the store: no more lines
+	// A fill logs its line after it commits, which can be after the client
+	// has every byte; Close waits for the fills to end.
+	mirror.Close()
+	a.Close()
+	closed = true
 
 	sizes := map[string]int64{}
 	layers, _ := img.Layers()

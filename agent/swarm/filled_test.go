@@ -36,10 +36,21 @@ func TestFilledLineSplitsSwarmBytes(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv := httptest.NewServer(a.Handler())
-	defer func() { srv.Close(); a.Close() }()
+	closed := false
+	defer func() {
+		if !closed {
+			srv.Close()
+			a.Close()
+		}
+	}()
 	if err := pull(srv.URL, "team/app:v1"); err != nil {
 		t.Fatal(err)
 	}
+	// A fill logs its line after it commits, which can be after the client
+	// has every byte; Close waits for the fills to end.
+	srv.Close()
+	a.Close()
+	closed = true
 
 	lines := logs.FilterMessage("blob filled").All()
 	layers, _ := img.Layers()
