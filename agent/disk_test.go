@@ -2,7 +2,6 @@ package agent_test
 
 import (
 	"errors"
-	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -10,27 +9,9 @@ import (
 	"testing"
 
 	"github.com/starling-oci/starling/agent"
+	"github.com/starling-oci/starling/internal/testdisk"
 	"github.com/starling-oci/starling/internal/testregistry"
 )
-
-// tmpfs mounts a tmpfs of size bytes (needs CAP_SYS_ADMIN; a failure under
-// CI=true, a skip elsewhere), unmounted when the test ends.
-func tmpfs(t *testing.T, size int64) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, fmt.Sprintf("size=%d,mode=0755", size)); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("mount a %d-byte tmpfs (CI runs as root): %v", size, err)
-		}
-		t.Skipf("mount tmpfs: %v (needs root; CI=true makes this a failure)", err)
-	}
-	t.Cleanup(func() {
-		if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil {
-			t.Errorf("unmount %s: %v", dir, err)
-		}
-	})
-	return dir
-}
 
 // fillDisk writes a ballast file until the filesystem is full.
 func fillDisk(t *testing.T, dir string) string {
@@ -60,7 +41,7 @@ func TestAgentSurvivesAFullDisk(t *testing.T) {
 	up := testregistry.New(t)
 	up.Push(t, "app:v1", 2, 1<<20)
 	other := up.Push(t, "other:v1", 2, 1<<20)
-	dir := tmpfs(t, 128<<20)
+	dir := testdisk.Tmpfs(t, 128<<20)
 	mirror := startAgent(t, func(c *agent.Config) { c.DataDir = dir; c.Prefetch = false }, up.URL())
 	pull(t, mirror, "app:v1")
 	ballast := fillDisk(t, dir)

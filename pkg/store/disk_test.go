@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -16,29 +15,9 @@ import (
 
 	"go.uber.org/zap/zaptest"
 
+	"github.com/starling-oci/starling/internal/testdisk"
 	"github.com/starling-oci/starling/pkg/store"
 )
-
-// tmpfs mounts a tmpfs of size bytes on a fresh directory, unmounted when
-// the test ends. It needs CAP_SYS_ADMIN: without it the test is skipped,
-// except under CI=true, where the capability is expected and its absence
-// fails the test.
-func tmpfs(t *testing.T, size int64) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, fmt.Sprintf("size=%d,mode=0755", size)); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("mount a %d-byte tmpfs (CI runs as root): %v", size, err)
-		}
-		t.Skipf("mount tmpfs: %v (needs root; CI=true makes this a failure)", err)
-	}
-	t.Cleanup(func() {
-		if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil {
-			t.Errorf("unmount %s: %v", dir, err)
-		}
-	})
-	return dir
-}
 
 // fillDisk writes a ballast file until the filesystem is full (leaving
 // leave bytes free) and returns its path.
@@ -113,7 +92,7 @@ func readBlob(t *testing.T, st *store.Store, digest string) {
 // fix, badger's memory-mapped write-ahead log took a SIGBUS here (a
 // metadata write on a full tmpfs) and the whole process died.
 func TestFullDiskIsAnErrorNotACrash(t *testing.T) {
-	dir := tmpfs(t, 160<<20)
+	dir := testdisk.Tmpfs(t, 160<<20)
 	st, err := store.Open(store.Options{Dir: dir}, zaptest.NewLogger(t))
 	if err != nil {
 		t.Fatal(err)
@@ -158,7 +137,7 @@ func TestFullDiskIsAnErrorNotACrash(t *testing.T) {
 // blobs are evicted to make room before the fill fails; when evicting all
 // of them would not make room, nothing is evicted.
 func TestFullDiskEvictsBeforeFailing(t *testing.T) {
-	dir := tmpfs(t, 160<<20)
+	dir := testdisk.Tmpfs(t, 160<<20)
 	now := time.Unix(1_000_000, 0)
 	st, err := store.Open(store.Options{Dir: dir, Now: func() time.Time { return now }}, zaptest.NewLogger(t))
 	if err != nil {
