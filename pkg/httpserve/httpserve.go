@@ -2,9 +2,10 @@
 // it down gracefully: the lifecycle the agent's mirror and the supernode's
 // status server share. Its servers do not let a client hold a connection
 // for free: idle keep-alive connections are closed after IdleTimeout, and
-// a response whose client stops reading fails once no byte could be
-// written for WriteIdle (a per-write deadline, not one per response, so a
-// large blob to a slow but live client is never cut).
+// a response whose client stops reading fails once it has taken no byte
+// for WriteIdle (a per-write deadline, moved on while the client keeps
+// acknowledging bytes, so a large blob to a slow but live client is never
+// cut).
 package httpserve
 
 import (
@@ -28,8 +29,8 @@ type Options struct {
 	// IdleTimeout closes a keep-alive connection with no request for this
 	// long (default 2 min).
 	IdleTimeout time.Duration
-	// WriteIdle fails a response once a write could not progress for this
-	// long (default 1 min).
+	// WriteIdle fails a response once its client has taken no byte for
+	// this long (default 1 min).
 	WriteIdle time.Duration
 	// OCIErrors rewrites the plain-text errors net/http sends by itself
 	// (400 for a malformed request, 431 for oversized headers, 501 for an
@@ -76,6 +77,7 @@ func ServeWith(ctx context.Context, ln net.Listener, h http.Handler, opts Option
 		IdleTimeout:       opts.IdleTimeout,
 		ConnState:         opts.ConnState,
 		BaseContext:       func(net.Listener) context.Context { return base },
+		ConnContext:       withConn,
 	}
 	if opts.OCIErrors {
 		ln = ociListener{ln}
@@ -158,13 +160,64 @@ func (hs *handlers) closeAndWait() {
 // before each write and when the handler returns (for the server's final
 // flush). Handlers that copy large bodies should do it in bounded chunks
 // (one ReadFrom is one write).
+//
+// A write may also wait longer than d for a client that reads all along:
+// Linux wakes a writer blocked on a full socket only once the client has
+// drained a good part of the socket buffers (megabytes on a connection
+// that started fast), which takes minutes at the tens of KB/s of a
+// CPU-starved client. So, where the platform tells how many bytes the
+// client has acknowledged (Linux), the deadline also moves whenever that
+// count grows: a response fails only once the client took no byte for d
+// (checked every d/8).
+// Elsewhere, and for connections served without ServeWith, each write
+// gets d.
 func WriteProgress(h http.Handler, d time.Duration) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		pw := &progressWriter{ResponseWriter: w, rc: http.NewResponseController(w), d: d}
 		pw.extend()
+		if acked := ackCounter(connFrom(r.Context())); acked != nil {
+			stop := pw.watch(acked)
+			defer stop()
+		}
 		defer pw.extend()
 		h.ServeHTTP(pw, r)
 	})
+}
+
+// connKey carries the request's connection in its context.
+type connKey struct{}
+
+func withConn(ctx context.Context, c net.Conn) context.Context {
+	return context.WithValue(ctx, connKey{}, c)
+}
+
+func connFrom(ctx context.Context) net.Conn {
+	c, _ := ctx.Value(connKey{}).(net.Conn)
+	return c
+}
+
+// watch moves the write deadline on each time the client has acknowledged
+// more bytes, checking every d/8, until stop (which waits for it).
+func (p *progressWriter) watch(acked func() (uint64, bool)) (stop func()) {
+	done, exited := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(exited)
+		last, _ := acked()
+		tick := time.NewTicker(p.d / 8)
+		defer tick.Stop()
+		for {
+			select {
+			case <-tick.C:
+				if n, ok := acked(); ok && n != last {
+					last = n
+					p.extend()
+				}
+			case <-done:
+				return
+			}
+		}
+	}()
+	return func() { close(done); <-exited }
 }
 
 type progressWriter struct {

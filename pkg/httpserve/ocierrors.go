@@ -70,3 +70,6 @@ func rewriteGoError(b []byte) ([]byte, bool) {
 	out.Write(payload)
 	return out.Bytes(), true
 }
+
+// NetConn returns the wrapped connection.
+func (c *ociConn) NetConn() net.Conn { return c.Conn }
