@@ -45,6 +45,12 @@ type result struct {
 	err  error
 }
 
+type permitAnswer struct {
+	granted bool
+	lease   time.Duration
+	err     error
+}
+
 type update struct {
 	resp *swarmproto.TrackerResponse
 	err  error
@@ -87,6 +93,8 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 	go func() { defer wg.Done(); d.pollLoop(ctx, updates) }()
 	go func() { defer wg.Done(); d.announceLoop(ctx, announce) }()
 
+	permits := make(chan permitAnswer, 1)
+	asking := false // a permit request is out
 	tick := d.s.clock.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -118,18 +126,38 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 		case <-tick.C():
 			now := d.s.clock.Now()
 			d.sched.SawData(time.Unix(0, d.lastData.Load()))
-			if d.sched.Stalled(now) {
+			if !asking && d.sched.Stalled(now) {
 				// Only a few agents per blob may go to the registry at once:
-				// ask the owning supernode; refused, stay with the swarm.
-				granted, lease, err := d.tr.permit(ctx)
-				switch {
-				case err != nil && ctx.Err() != nil:
-					return ctx.Err()
-				case err != nil:
-					return &errFallback{reason: "stalled, and the supernode did not answer a permit request: " + err.Error(), trackerLost: true}
-				case granted:
-					return &errFallback{reason: "no piece completed in " + d.s.cfg.StallTimeout.String(), stalled: true, permit: true, lease: lease}
-				}
+				// ask the owning supernode; refused, stay with the swarm. The
+				// answer may take long (a starved supernode): the download
+				// goes on meanwhile.
+				asking = true
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					var a permitAnswer
+					a.granted, a.lease, a.err = d.tr.permit(ctx)
+					permits <- a
+				}()
+			}
+		case a := <-permits:
+			asking = false
+			now := d.s.clock.Now()
+			d.sched.SawData(time.Unix(0, d.lastData.Load()))
+			switch {
+			case a.err != nil && ctx.Err() != nil:
+				return ctx.Err()
+			case a.err != nil:
+				return &errFallback{reason: "stalled, and the supernode did not answer a permit request: " + a.err.Error(), trackerLost: true}
+			case a.granted && d.sched.Stalled(now):
+				return &errFallback{reason: "no piece completed in " + d.s.cfg.StallTimeout.String(), stalled: true, permit: true, lease: a.lease}
+			case a.granted:
+				// The swarm moved while the supernode answered: hand the
+				// permit back and stay.
+				d.s.log.Info("swarm moved while a back-to-source permit was granted; handing it back", zap.String("digest", d.req.Digest))
+				wg.Add(1)
+				go func() { defer wg.Done(); d.s.release(d.tr) }()
+			default:
 				d.sched.Denied(now)
 				d.s.log.Info("swarm stalled, but no back-to-source permit is free; staying with the swarm", zap.String("digest", d.req.Digest))
 			}
@@ -163,7 +191,8 @@ func (d *download) sawData(int) { d.lastData.Store(d.s.clock.Now().UnixNano()) }
 // completion into N immediate round trips.
 const minPollInterval = 100 * time.Millisecond
 
-// pollLoop long-polls the tracker; repeated failures end the swarm.
+// pollLoop polls the tracker; repeated failures end the swarm (late
+// answers from a supernode still connected are not failures).
 func (d *download) pollLoop(ctx context.Context, updates chan<- update) {
 	failures := 0
 	known := len(d.cids)
@@ -181,6 +210,12 @@ func (d *download) pollLoop(ctx context.Context, updates chan<- update) {
 		if err != nil {
 			if ctx.Err() != nil {
 				return
+			}
+			if d.tr.slow(err) {
+				// Connected and answering, late: the download goes on with the
+				// peers it knows (a stall still asks for a permit).
+				d.s.log.Debug("tracker answers late; polling again", zap.String("digest", d.req.Digest), zap.Error(err))
+				continue
 			}
 			if failures++; failures < 3 {
 				continue

@@ -27,28 +27,56 @@ type trackerClient struct {
 	peer peer.ID
 	req  registryproxy.BlobRequest
 
-	// timeout bounds one exchange (rpcTimeout when zero); patience bounds
-	// the retries of exchanges that time out while the connection to the
-	// supernode stays up (slowTracker when zero).
-	timeout, patience time.Duration
+	// timeout is how often a pending exchange checks that the supernode is
+	// still connected (rpcTimeout when zero); patience bounds how long one
+	// exchange waits for its answer while it is (slowTracker when zero);
+	// deadAfter is how long a connected supernode may go without answering
+	// anything before it counts as lost (deadTracker when zero).
+	timeout, patience, deadAfter time.Duration
 
-	mu   sync.Mutex
-	next time.Time // earliest time of the next paced request
+	mu       sync.Mutex
+	next     time.Time // earliest time of the next paced request
+	answered time.Time // last answer, or the first request until one came
 }
 
-// rpcTimeout bounds one tracker exchange (answers never wait).
+// rpcTimeout is how often a pending tracker exchange checks that the
+// supernode is still connected.
 const rpcTimeout = 10 * time.Second
 
-// slowTracker is how long a supernode we are still connected to may keep
-// answering late before the agent counts it as lost: a CPU-starved
-// supernode is slow, not dead, and going to the registry because of it
-// would multiply the registry's load.
+// slowTracker bounds one exchange on a live connection. A CPU-starved
+// supernode answers late, not never: an exchange waits for its answer on
+// the same stream rather than asking again (which would throw away the
+// work the supernode has done on it, and at a queue longer than the
+// timeout, every answer).
 const slowTracker = time.Minute
+
+// deadTracker is how long a supernode we are still connected to may go
+// without answering anything before the agent counts it as lost. Until
+// then a late answer is a slow supernode: going to the registry because of
+// it would multiply the registry's load (the download keeps going with the
+// peers it knows, and a stalled one asks for a permit as always).
+const deadTracker = 5 * time.Minute
 
 // alive reports whether this host still holds a connection to the
 // supernode.
 func (t *trackerClient) alive() bool {
 	return t.host.Network().Connectedness(t.peer) == network.Connected
+}
+
+// slow reports whether err is a late answer from a supernode that is
+// still connected and answered within deadTracker: slow, not lost.
+func (t *trackerClient) slow(err error) bool {
+	if !errors.Is(err, errLate) || !t.alive() {
+		return false
+	}
+	dead := t.deadAfter
+	if dead <= 0 {
+		dead = deadTracker
+	}
+	t.mu.Lock()
+	last := t.answered
+	t.mu.Unlock()
+	return time.Since(last) < dead
 }
 
 // pace waits until the tracker's interval since the last paced request
@@ -90,20 +118,18 @@ func (t *trackerClient) call(ctx context.Context, r swarmproto.TrackerRequest) (
 // exchange sends r and returns the answer and the interval the tracker
 // asked for (a short one when it could not be reached).
 func (t *trackerClient) exchange(ctx context.Context, r swarmproto.TrackerRequest) (*swarmproto.TrackerResponse, time.Duration, error) {
-	patience := t.patience
-	if patience <= 0 {
-		patience = slowTracker
+	t.mu.Lock()
+	if t.answered.IsZero() {
+		t.answered = time.Now() // the grace of a supernode not yet asked
 	}
-	start := time.Now()
+	t.mu.Unlock()
 	resp, err := t.roundTrip(ctx, r)
-	// No answer in time on a live connection: ask again rather than give
-	// up (other failures, such as a refused protocol, are final).
-	for errors.Is(err, errLate) && ctx.Err() == nil && time.Since(start) < patience && t.alive() {
-		resp, err = t.roundTrip(ctx, r)
-	}
 	if resp == nil {
 		return nil, minInterval, err
 	}
+	t.mu.Lock()
+	t.answered = time.Now()
+	t.mu.Unlock()
 	return resp, max(minInterval, time.Duration(resp.Interval)*time.Millisecond), err
 }
 
@@ -114,18 +140,51 @@ var errLate = errors.New("no answer in time")
 // tracker says (and after a failed exchange).
 const minInterval = 100 * time.Millisecond
 
+// errGone ends an exchange whose supernode connection dropped.
+var errGone = errors.New("connection to the supernode lost")
+
+// roundTrip sends r on a new stream and waits for the answer for up to
+// patience, as long as the supernode stays connected (checked every
+// timeout).
 func (t *trackerClient) roundTrip(ctx context.Context, r swarmproto.TrackerRequest) (*swarmproto.TrackerResponse, error) {
 	r.Digest = t.req.Digest
-	timeout := t.timeout
+	timeout, patience := t.timeout, t.patience
 	if timeout <= 0 {
 		timeout = rpcTimeout
 	}
+	if patience <= 0 {
+		patience = slowTracker
+	}
 	parent := ctx
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
+	ctx, cancelTimeout := context.WithTimeout(ctx, patience)
+	defer cancelTimeout()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		tick := time.NewTicker(timeout)
+		defer tick.Stop()
+		for {
+			select {
+			case <-tick.C:
+				if !t.alive() {
+					cancel(errGone)
+					return
+				}
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
 	resp, err := t.roundTripCtx(ctx, r)
+	cancel(nil)
+	<-watched
 	if err != nil && ctx.Err() != nil && parent.Err() == nil {
-		err = fmt.Errorf("%w after %v: %w", errLate, timeout, err)
+		if cause := context.Cause(ctx); errors.Is(cause, errGone) {
+			return resp, fmt.Errorf("%w: %w", errGone, err)
+		}
+		err = fmt.Errorf("%w after %v: %w", errLate, patience, err)
 	}
 	return resp, err
 }
@@ -198,10 +257,11 @@ func (t *trackerClient) withdraw(ctx context.Context) error {
 //
 // Only a supernode we cannot reach is an error (the agent then goes
 // alone); one that stays connected but does not answer in time counts as
-// a refusal, so the agent keeps waiting on the swarm.
+// a refusal, so the agent keeps waiting on the swarm, unless it has not
+// answered anything for deadTracker.
 func (t *trackerClient) permit(ctx context.Context) (bool, time.Duration, error) {
 	resp, err := t.call(ctx, swarmproto.TrackerRequest{Op: swarmproto.OpPermit, Want: -1})
-	if errors.Is(err, errLate) && ctx.Err() == nil && t.alive() {
+	if ctx.Err() == nil && t.slow(err) {
 		return false, 0, nil
 	}
 	if err != nil {
@@ -220,11 +280,18 @@ func (t *trackerClient) release(ctx context.Context) error {
 // blob's size in time: a slow upstream, not a dead swarm.
 var errSlowSeed = errors.New("seed did not learn the blob size in time")
 
-// waitForSize polls until the seed knows the blob's size.
+// waitForSize polls until the seed knows the blob's size. A supernode
+// that answers late is a slow seed too (errSlowSeed once limit passed).
 func (t *trackerClient) waitForSize(ctx context.Context, limit time.Duration) (*swarmproto.TrackerResponse, error) {
 	deadline := time.Now().Add(limit)
 	for {
 		resp, err := t.poll(ctx, 0, nil, false, -1, nil)
+		if err != nil && ctx.Err() == nil && t.slow(err) {
+			if time.Now().After(deadline) {
+				return nil, errSlowSeed
+			}
+			continue
+		}
 		if err != nil {
 			return nil, err
 		}
