@@ -41,7 +41,8 @@ type Config struct {
 	// PermitQuiet: a permit is granted only when no member and not the
 	// seed gained a piece of the blob for this long (10 s): a swarm that
 	// progresses, however slowly, will reach the asker. PermitWait bounds
-	// that rule (2 min): an asker refused for so long gets a free permit.
+	// that rule (2 min): an asker refused for so long, without gaining a
+	// piece meanwhile, gets a free permit.
 	PermitQuiet, PermitWait time.Duration
 	// MaxBlobs bounds the swarms held (4096), MaxBlobsPerPeer the swarms
 	// one peer is in (512), MaxPeersPerBlob the members of one (65536).
@@ -192,7 +193,7 @@ type member struct {
 	count    int
 	seen     time.Time
 	offers   []int     // seed pieces on offer to it
-	refused  time.Time // first permit refusal since its last grant (zero: none)
+	refused  time.Time // first permit refusal since its last grant or gain (zero: none)
 	pos      int       // index in members
 	hpos     int       // index in holders, -1 if none
 	gone     bool
@@ -550,6 +551,9 @@ func (st *State) setHave(s *swarm, m *member, have []byte, now time.Time) {
 	if st.setBits(s, m, have) {
 		s.bump(st, now)
 		s.progress = now
+		// A member that gains pieces is slow, not stuck: its wait for a
+		// permit (PermitWait) starts again at its next refusal.
+		m.refused = time.Time{}
 	}
 	if m.count == s.n {
 		st.release(s, m) // a complete member needs no permit

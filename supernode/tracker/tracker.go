@@ -74,8 +74,11 @@ func (t *Tracker) SetAuthorizer(a Authorizer) { t.authorize = a }
 func (t *Tracker) Register() { t.host.SetStreamHandler(swarmproto.TrackerProtocol, t.handle) }
 
 // rpcDeadline bounds one exchange: answers never wait, so this only cuts
-// off a peer that does not send or read.
-const rpcDeadline = 10 * time.Second
+// off a peer that does not send or read. It matches the minute an agent
+// waits for an answer: a CPU-starved supernode can take seconds between
+// reading a request and writing its answer, and an answer cut then is
+// work thrown away.
+const rpcDeadline = time.Minute
 
 func (t *Tracker) handle(st network.Stream) {
 	defer st.Close()

@@ -394,6 +394,48 @@ func TestProgressingSwarmGrantsNoPermitUntilTheWaitRunsOut(t *testing.T) {
 	}
 }
 
+// An asker that keeps gaining pieces itself is slow, not stuck: the
+// PermitWait permit is for an asker that gained nothing since its first
+// refusal. Fails before (in the 100-process CPU-starved storm, agents
+// refused at the start got permits 2 minutes in while they and the swarm
+// progressed: 11 of 18 permit fallbacks came 2:00-2:20 after the first
+// refusals).
+func TestAskerThatGainsPiecesGetsNoWaitPermit(t *testing.T) {
+	st := newState(Config{PermitQuiet: 10 * time.Second, PermitWait: 2 * time.Minute})
+	sized(t, st)
+	ask := func(now time.Time) bool {
+		return st.Handle(now, asker("slow"), &swarmproto.TrackerRequest{Op: swarmproto.OpPermit, Digest: digest, Want: -1}).Resp.Permit
+	}
+	for k := range 3 { // the asker gains a piece every 50 s, others too
+		now := t0.Add(time.Duration(k) * 50 * time.Second)
+		st.Handle(now, asker("slow"), haveReq(bitmap(4, seq(k+1)...)))
+		for j := range 5 {
+			other := now.Add(time.Duration(j) * 10 * time.Second)
+			st.Handle(other, asker(fmt.Sprint("p", k, j)), haveReq(bitmap(4, j%4)))
+			if ask(other.Add(time.Second)) {
+				t.Fatalf("permit granted %v in to an asker that gains pieces", other.Add(time.Second).Sub(t0))
+			}
+		}
+	}
+	// Then it gains nothing for 2 min while the swarm moves on: stuck.
+	last := t0.Add(2*50*time.Second + 41*time.Second)
+	for k := range 13 {
+		now := last.Add(time.Duration(k) * 10 * time.Second)
+		st.Handle(now, asker(fmt.Sprint("q", k)), haveReq(bitmap(4, k%4)))
+	}
+	if !ask(last.Add(2*time.Minute + 2*time.Second)) {
+		t.Fatal("an asker that gained nothing for 2 min of refusals got no permit")
+	}
+}
+
+func seq(n int) []int {
+	out := make([]int, n)
+	for i := range out {
+		out[i] = i
+	}
+	return out
+}
+
 func TestIntervalGrowsWithTheSwarm(t *testing.T) {
 	st := newState(Config{BlobRate: 2000, TotalRate: 1e9, MinInterval: 100 * time.Millisecond, MaxInterval: 10 * time.Second})
 	sized(t, st)
