@@ -17,8 +17,9 @@ type agent struct {
 	n       *node
 	bufs    int // free piece buffers (MaxInflight, shared by all blobs)
 	pulls   []*pull
-	next    int // next blob the client asks for
-	active  int
+	next    int   // next blob the client reads
+	active  int   // blobs the client is reading
+	filled  int   // blobs whose fill has ended (here whole)
 	done    int64 // completion time, -1 until every blob is here
 	fellBck bool
 }
@@ -37,25 +38,59 @@ func (a *agent) bitmap(b *blob) []byte {
 	return have.Bytes()
 }
 
-// start is the client's pull: up to ClientBlobs blobs at once.
+// start is the client's pull. With Prefetch (the agent's default,
+// registryproxy's prefetch on a manifest GET) the agent starts every
+// layer's fill at once and the client then reads up to ClientBlobs of them
+// at a time; without it, a fill starts when the client asks for its blob.
 func (a *agent) start() {
+	if a.s.cfg.Prefetch {
+		for _, b := range a.s.blobs {
+			a.fill(b)
+		}
+	}
+	a.read()
+}
+
+// fill starts the agent's fill of blob b, unless it runs already.
+func (a *agent) fill(b *blob) *pull {
+	if p := a.pulls[b.idx]; p != nil {
+		return p
+	}
+	p := &pull{a: a, b: b, rng: rand.New(rand.NewPCG(a.s.cfg.Seed, uint64(a.n.idx)<<8|uint64(b.idx)))}
+	a.pulls[b.idx] = p
+	p.join()
+	return p
+}
+
+// read has the client ask for blobs, up to ClientBlobs at once. A reader
+// of a blob whose fill has ended is done at once (it reads from disk).
+func (a *agent) read() {
 	for a.active < a.s.cfg.ClientBlobs && a.next < len(a.s.blobs) {
 		b := a.s.blobs[a.next]
 		a.next++
 		a.active++
-		p := &pull{a: a, b: b, rng: rand.New(rand.NewPCG(a.s.cfg.Seed, uint64(a.n.idx)<<8|uint64(b.idx)))}
-		a.pulls[b.idx] = p
-		p.join()
+		p := a.fill(b)
+		p.reading = true
+		if p.state == finished {
+			a.readDone()
+		}
 	}
 }
 
-func (a *agent) blobDone() {
-	a.active--
-	if a.next < len(a.s.blobs) {
-		a.start()
-		return
+// blobDone is a fill ending with the whole blob here.
+func (a *agent) blobDone(p *pull) {
+	a.filled++
+	if p.reading {
+		a.readDone()
 	}
-	if a.active == 0 && !a.n.dead {
+}
+
+// readDone is the client finishing one blob: it asks for the next, and
+// when it has read them all, its pull is done.
+func (a *agent) readDone() {
+	a.active--
+	a.read()
+	if a.active == 0 && a.next == len(a.s.blobs) && a.filled == len(a.s.blobs) && !a.n.dead && a.done < 0 {
 		a.done = a.s.now
 		a.s.done++
 	}
@@ -93,6 +128,9 @@ type pull struct {
 	rng   *rand.Rand
 	state int
 	gen   int // bumps when the download ends: late outcomes are dropped
+	// reading: the client reads this blob, so a reader waits on its first
+	// missing piece (a prefetched blob nobody reads yet has no reader).
+	reading bool
 
 	store     *swarm.MemPartial
 	sched     *swarm.Sched
@@ -123,12 +161,20 @@ func (p *pull) interval(resp *swarmproto.TrackerResponse) int64 {
 
 func (p *pull) alive() bool { return !p.a.n.dead }
 
+// waiting is the piece the client's reader is blocked on, or -1.
+func (p *pull) waiting() int {
+	if !p.reading {
+		return -1
+	}
+	return p.store.Waiting()
+}
+
 func (p *pull) pollReq() *swarmproto.TrackerRequest {
 	req := &swarmproto.TrackerRequest{Op: swarmproto.OpPoll, Digest: p.b.digest, Registry: "registry.sim", Repo: "sim/image",
 		Addrs: p.a.n.addrs, Want: -1}
 	if p.sched != nil {
 		have := p.store.Have()
-		req.Known, req.Have, req.Starved, req.Want = p.sched.Known(), have.Bytes(), p.starved, p.store.Waiting()
+		req.Known, req.Have, req.Starved, req.Want = p.sched.Known(), have.Bytes(), p.starved, p.waiting()
 		req.Failed = p.failures()
 	}
 	return req
@@ -291,7 +337,7 @@ func (p *pull) wake() {
 	}
 	now := s.vnow()
 	for {
-		f, ok := p.sched.Next(now, &have, p.store.Waiting())
+		f, ok := p.sched.Next(now, &have, p.waiting())
 		if !ok {
 			break
 		}
@@ -377,7 +423,7 @@ func (p *pull) finish() {
 	p.b.owner.request(p.a, &swarmproto.TrackerRequest{Op: swarmproto.OpHave, Digest: p.b.digest, Addrs: p.a.n.addrs, Have: all.Bytes(), Want: -1},
 		func(*swarmproto.TrackerResponse) {})
 	_ = s
-	p.a.blobDone()
+	p.a.blobDone(p)
 }
 
 // renew keeps a back-to-source permit while the fetch runs: asked again

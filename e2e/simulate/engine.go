@@ -63,6 +63,9 @@ type port struct {
 	cap   float64
 	flows []*flow
 	moved float64 // bytes that have left (up ports) or arrived (down ports)
+	// level is the port's water level at its last fill: what a flow
+	// through it that wants more than its fair share would get.
+	level float64
 }
 
 // unlimited stands for a link without a cap.
@@ -92,6 +95,7 @@ type flow struct {
 	hi             int     // position in the host port's flows
 	last           int64   // when left was last brought up to date
 	ver            uint32  // bumps on each rate change: stale completion events are ignored
+	gen            uint64  // the change that last touched it
 	si, di         int     // positions in src.flows and dst.flows
 	done           func()
 	fail           func()
@@ -112,8 +116,13 @@ func (s *sim) startFlow(src, dst *port, bytes int64, done, fail func()) *flow {
 	return f
 }
 
-// changed refills the two ports whose flow sets changed and updates the
-// rates of their flows.
+// changed refills the two ports whose flow sets changed, then the ports
+// at the other end of every flow whose share moved, and so on while
+// shares move (up to maxRefills ports), and updates the rates of the flows
+// it touched. Token buckets (pkg/ratelimit) are work-conserving: what one
+// flow cannot use at its other end goes to the port's other flows, so
+// refilling only the two ports would leave capacity idle that the real
+// links would use.
 func (s *sim) changed(src, dst *port) {
 	if h := s.host; h != nil {
 		// One machine's CPU is shared equally by every transfer on it.
@@ -126,14 +135,46 @@ func (s *sim) changed(src, dst *port) {
 			}
 		}()
 	}
-	s.fill(src, true)
-	s.fill(dst, false)
+	s.gen++
+	work := append(s.work[:0], portRef{src, true}, portRef{dst, false})
+	touched := s.touched[:0]
+	for k := 0; k < len(work) && k < maxRefills; k++ {
+		w := work[k]
+		for _, f := range s.fill(w.p, w.isSrc) {
+			if f.gen != s.gen {
+				f.gen = s.gen
+				touched = append(touched, f)
+			}
+			// Its share here moved: its other end may give it more, or
+			// take back what it can no longer use for others.
+			if w.isSrc {
+				work = append(work, portRef{f.dst, false})
+			} else {
+				work = append(work, portRef{f.src, true})
+			}
+		}
+	}
 	for _, f := range src.flows {
 		s.rerate(f)
 	}
 	for _, f := range dst.flows {
 		s.rerate(f)
 	}
+	for _, f := range touched {
+		if !f.over {
+			s.rerate(f)
+		}
+	}
+	s.work, s.touched = work[:0], touched[:0]
+}
+
+// maxRefills bounds the ports one change refills.
+const maxRefills = 64
+
+// portRef is a port to refill and which end of its flows it is.
+type portRef struct {
+	p     *port
+	isSrc bool
 }
 
 // ask is one flow's demand on a port being filled.
@@ -142,19 +183,22 @@ type ask struct {
 	demand float64
 }
 
-// fill water-fills p's capacity among its flows: each asks for its share
-// at its other end (an equal split there if it has none yet).
-func (s *sim) fill(p *port, isSrc bool) {
+// fill water-fills p's capacity among its flows: each asks for what its
+// other end would give it, that end's water level (an equal split there
+// if it was never filled). It returns the flows whose share moved by more
+// than 1%.
+func (s *sim) fill(p *port, isSrc bool) []*flow {
 	n := len(p.flows)
 	if n == 0 {
-		return
+		return nil
 	}
 	asks := s.asks[:0]
 	for _, f := range p.flows {
-		other, share := f.dst, f.dShare
+		other := f.dst
 		if !isSrc {
-			other, share = f.src, f.sShare
+			other = f.src
 		}
+		share := other.level
 		if share <= 0 {
 			share = other.cap / float64(len(other.flows))
 		}
@@ -166,17 +210,26 @@ func (s *sim) fill(p *port, isSrc bool) {
 			asks[j], asks[j-1] = asks[j-1], asks[j]
 		}
 	}
+	moved := s.moved[:0]
 	left := p.cap
 	for k, a := range asks {
 		give := math.Min(a.demand, left/float64(n-k))
 		left -= give
-		if isSrc {
-			a.f.sShare = give
-		} else {
-			a.f.dShare = give
+		old := &a.f.sShare
+		if !isSrc {
+			old = &a.f.dShare
+		}
+		if math.Abs(give-*old) > 0.01*math.Max(give, *old) {
+			moved = append(moved, a.f)
+		}
+		*old = give
+		if k == n-1 {
+			p.level = give + left
 		}
 	}
 	s.asks = asks[:0]
+	s.moved = moved[:0]
+	return moved
 }
 
 func (s *sim) rerate(f *flow) {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/starling-oci/starling/agent/swarm"
 	"github.com/starling-oci/starling/pkg/piece"
+	"github.com/starling-oci/starling/pkg/pieceserver"
 	"github.com/starling-oci/starling/pkg/rendezvous"
 	"github.com/starling-oci/starling/supernode/tracker"
 )
@@ -43,6 +44,10 @@ type Config struct {
 	StallTimeout                                    time.Duration
 	// ClientBlobs is how many blobs a client pulls at once (containerd: 3).
 	ClientBlobs int
+	// Prefetch: the agent starts every layer's fill when the client pulls
+	// the manifest (the agent's -prefetch, on by default), not when the
+	// client asks for the blob.
+	Prefetch bool
 	// HaveInAnswers: piece answers carry the server's current bitmap.
 	HaveInAnswers bool
 	// TrackerBlobRate and TrackerTotalRate override the tracker's request
@@ -53,9 +58,6 @@ type Config struct {
 	// GB moved, and the machine has HostCores cores (0: not modelled).
 	HostCores    int
 	HostCPUPerGB float64
-	// QueueMax bounds the requests waiting for a piece server's upload
-	// slot; more are answered busy at once (-1: unbounded).
-	QueueMax int
 	// Limit bounds the virtual time.
 	Limit time.Duration
 	// Progress, if set, is called about every second of wall time.
@@ -100,6 +102,11 @@ type sim struct {
 	host     *port // the machine's CPU, when every node runs on one (-host-cores)
 	zero     []byte
 	asks     []ask // scratch for fill
+	// Scratch for changed.
+	gen     uint64
+	work    []portRef
+	touched []*flow
+	moved   []*flow
 
 	outcomes        [swarm.Failed + 1]int64
 	trackerRequests int64
@@ -324,10 +331,6 @@ func (s *sim) reply(r *pieceReq, out swarm.Outcome) {
 	s.after(s.latency(), func() { r.p.result(r, out, have) })
 }
 
-// queueWait is how long a piece request waits for an upload slot before
-// the server answers busy (pkg/pieceserver).
-const queueWait = int64(250 * time.Millisecond)
-
 func (s *sim) arrive(r *pieceReq) {
 	if r.gone {
 		return
@@ -337,17 +340,17 @@ func (s *sim) arrive(r *pieceReq) {
 		s.reply(r, swarm.Failed) // connection refused
 		return
 	}
-	if n.busy < n.slots {
+	switch pieceserver.Admit(n.slots, n.busy, s.queued(n)) {
+	case pieceserver.Serve:
 		s.serve(r)
 		return
-	}
-	if s.cfg.QueueMax >= 0 && s.queued(n) >= s.cfg.QueueMax {
+	case pieceserver.Refuse:
 		s.reply(r, swarm.Busy)
 		return
 	}
 	r.queued = true
 	n.queue = append(n.queue, r)
-	s.after(queueWait, func() {
+	s.after(int64(pieceserver.QueueWait), func() {
 		if r.queued {
 			r.queued = false
 			if !r.gone {

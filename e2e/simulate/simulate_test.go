@@ -21,7 +21,7 @@ func smallStorm() Config {
 		AgentBW: 10 << 20, SeedBW: 20 << 20, RegistryBW: 10 << 20, Latency: time.Millisecond,
 		Supernodes: 1, Cores: 1, TrackerCost: 20 * time.Microsecond, Seed: 7,
 		MaxInflight: 8, PerPeer: 2, AgentUploads: 4, SeedUploads: 8, StallTimeout: 15 * time.Second,
-		ClientBlobs: 3, QueueMax: -1, HaveInAnswers: true, Limit: 10 * time.Minute,
+		ClientBlobs: 3, Prefetch: true, HaveInAnswers: true, Limit: 10 * time.Minute,
 	}
 }
 
@@ -194,7 +194,7 @@ func TestRealityCheck(t *testing.T) {
 		Nodes: r.Nodes, Size: 32 << 20, Layers: 4, PieceSize: 1 << 20,
 		AgentBW: 4 << 20, SeedBW: 4 << 20, RegistryBW: 20 << 20, Latency: 100 * time.Microsecond,
 		Supernodes: 1, Cores: 1, Seed: 1, MaxInflight: 8, PerPeer: 2, AgentUploads: 4, SeedUploads: 8,
-		StallTimeout: 15 * time.Second, ClientBlobs: 3, QueueMax: -1, HaveInAnswers: true, Limit: 10 * time.Minute,
+		StallTimeout: 15 * time.Second, ClientBlobs: 3, Prefetch: true, HaveInAnswers: true, Limit: 10 * time.Minute,
 	}
 	busy := (r.StarlingCPU + r.ClientsCPU) / (r.CompletionS.Max * float64(runtime.NumCPU()))
 	if busy > 0.8 {

@@ -38,9 +38,6 @@ const (
 	unavailableMsg = "piece not available"
 )
 
-// queueWait bounds how long a request waits for an upload slot.
-const queueWait = 250 * time.Millisecond
-
 // copyBuf is the size of an upload slot's copy buffer: each read of the
 // file and each write to the stream moves this much, so a 4 MiB piece is
 // 16 reads and 16 muxer frames rather than 128 of each with io.Copy's
@@ -52,8 +49,10 @@ type Server struct {
 	store  *store.Store
 	upload *ratelimit.Limiter
 	slots  chan []byte // an upload slot is its copy buffer (nil until first used)
-	log    *zap.Logger
-	served atomic.Int64
+	// waiting counts requests waiting for a slot (Admit bounds them).
+	waiting atomic.Int64
+	log     *zap.Logger
+	served  atomic.Int64
 	// writeIdle is how long one write to a peer may block: a peer that
 	// stops reading frees its upload slot after this, whatever the
 	// piece's size (a deadline per write, not per transfer).
@@ -98,22 +97,15 @@ func (s *Server) handle(st network.Stream) {
 		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: err.Error()})
 		return
 	}
-	// Wait for an upload slot rather than answer busy at once: a few
-	// uploads at full speed finish pieces sooner (and so spread them
-	// sooner) than many slow ones, and waiting costs no retry traffic.
-	wait := time.NewTimer(queueWait)
-	defer wait.Stop()
-	var buf []byte
-	select {
-	case buf = <-s.slots:
-		if buf == nil {
-			buf = make([]byte, copyBuf)
-		}
-		defer func() { s.slots <- buf }()
-	case <-wait.C:
+	buf, ok := s.slot()
+	if !ok {
 		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: busyMsg, Have: s.have(&req)})
 		return
 	}
+	if buf == nil {
+		buf = make([]byte, copyBuf)
+	}
+	defer func() { s.slots <- buf }()
 	r, n, err := s.store.PieceReader(req.Digest, req.Index, req.PieceSize)
 	if err != nil {
 		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: unavailableMsg, Have: s.have(&req)})
@@ -131,6 +123,31 @@ func (s *Server) handle(st network.Stream) {
 		s.log.Debug("piece upload cut short", zap.String("peer", st.Conn().RemotePeer().String()),
 			zap.String("digest", req.Digest), zap.Int("piece", req.Index), zap.Error(err))
 		st.Reset()
+	}
+}
+
+// slot takes an upload slot as Admit rules: at once if one is free, else
+// after a wait of at most QueueWait if few enough requests wait already.
+// It returns the slot's copy buffer (nil until first used) or false.
+func (s *Server) slot() ([]byte, bool) {
+	select {
+	case buf := <-s.slots:
+		return buf, true
+	default:
+	}
+	n := cap(s.slots)
+	if waiting := s.waiting.Add(1) - 1; Admit(n, n, int(waiting)) == Refuse {
+		s.waiting.Add(-1)
+		return nil, false
+	}
+	defer s.waiting.Add(-1)
+	wait := time.NewTimer(QueueWait)
+	defer wait.Stop()
+	select {
+	case buf := <-s.slots:
+		return buf, true
+	case <-wait.C:
+		return nil, false
 	}
 }
 
