@@ -27,7 +27,6 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/starling-oci/starling/pkg/ocierr"
 	"github.com/starling-oci/starling/pkg/store"
@@ -71,7 +70,8 @@ type Config struct {
 	OnGrant func(registry, repo, digest, authorization string, body []byte)
 }
 
-// Service answers manifest requests.
+// Service answers manifest requests: the Policy decides, the Service
+// talks to upstream and makes askers wait.
 type Service struct {
 	cfg   Config
 	regs  *upstream.Set
@@ -79,7 +79,6 @@ type Service struct {
 	cache Cache
 	log   *zap.Logger
 
-	flights singleflight.Group
 	// onWait, when set (tests), is called as a caller starts waiting on a
 	// shared upstream exchange.
 	onWait func()
@@ -89,18 +88,16 @@ type Service struct {
 
 	upstreamGETs, upstreamHEADs, staleAnswers atomic.Int64
 
-	mu     sync.Mutex
-	tags   map[string]tagEntry  // tagKey -> last resolution
-	grants map[string]time.Time // grantKey -> when upstream last said yes
+	mu  sync.Mutex // guards pol
+	pol *Policy
 }
 
-type tagEntry struct {
-	digest string
-	at     time.Time
+// call is a flight's outcome, for its waiters (Flight.Data).
+type call struct {
+	done chan struct{}
+	ans  *Answer
+	err  error
 }
-
-// maxEntries bounds each map against clients cycling tokens or tags.
-const maxEntries = 65536
 
 // New builds a Service.
 func New(cfg Config, regs *upstream.Set, up *upstream.Client, cache Cache, log *zap.Logger) *Service {
@@ -116,8 +113,7 @@ func New(cfg Config, regs *upstream.Set, up *upstream.Client, cache Cache, log *
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Service{cfg: cfg, regs: regs, up: up, cache: cache, log: log,
-		tags: map[string]tagEntry{}, grants: map[string]time.Time{}}
+	return &Service{cfg: cfg, regs: regs, up: up, cache: cache, log: log, pol: NewPolicy(cfg.TagTTL, cfg.AuthTTL)}
 }
 
 // Stats are the service's counters.
@@ -142,8 +138,8 @@ type Answer struct {
 	Stale bool
 }
 
-// credKey names credentials without keeping them: "" for none.
-func credKey(authorization string) string {
+// CredKey names credentials without keeping them: "" for none.
+func CredKey(authorization string) string {
 	if authorization == "" {
 		return ""
 	}
@@ -151,12 +147,26 @@ func credKey(authorization string) string {
 	return hex.EncodeToString(sum[:16])
 }
 
-func tagKey(reg, repo, tag, cred string) string {
-	return reg + "/" + repo + ":" + tag + "#" + cred
+// loader is the cache as the Policy sees it: cached reads a manifest and
+// keeps it, so an answer from the cache reads it once.
+type loader struct {
+	cache Cache
+	got   map[string]store.Manifest
 }
 
-func grantKey(reg, repo, digest, cred string) string {
-	return reg + "/" + repo + "@" + digest + "#" + cred
+func (l *loader) cached(digest string) bool {
+	if _, ok := l.got[digest]; ok {
+		return true
+	}
+	m, err := l.cache.Manifest(digest)
+	if err != nil {
+		return false
+	}
+	if l.got == nil {
+		l.got = map[string]store.Manifest{}
+	}
+	l.got[digest] = m
+	return true
 }
 
 // Resolve answers req: the manifest its tag names now (within TagTTL), or
@@ -166,85 +176,124 @@ func (s *Service) Resolve(ctx context.Context, req *swarmproto.ManifestRequest) 
 	if !ok || reg.Host != req.Registry {
 		return nil, ocierr.New(http.StatusForbidden, ocierr.Denied, "registry %q is not mirrored by this supernode", req.Registry)
 	}
-	if req.IsDigest() {
-		return s.byDigest(ctx, reg, req.Repo, req.Ref, req.Authorization)
+	r := Request{Registry: reg.Host, Repo: req.Repo, Ref: req.Ref, Cred: CredKey(req.Authorization)}
+	ld := &loader{cache: s.cache}
+	s.mu.Lock()
+	d := s.pol.Decide(s.cfg.Now(), r, ld.cached)
+	c := s.join(d)
+	s.mu.Unlock()
+	if d.Action == Cached {
+		return &Answer{Digest: d.Digest, Manifest: ld.got[d.Digest]}, nil
 	}
-	return s.byTag(ctx, reg, req.Repo, req.Ref, req.Authorization)
-}
-
-func (s *Service) byTag(ctx context.Context, reg upstream.Registry, repo, tag, authz string) (*Answer, error) {
-	cred := credKey(authz)
-	key := tagKey(reg.Host, repo, tag, cred)
-	if ans := s.freshTag(reg, repo, key, cred); ans != nil {
-		return ans, nil
+	if d.Action != Wait {
+		s.lead(d, c, func(ctx context.Context) (*Answer, error) {
+			return s.upstream(ctx, reg, r, req.Authorization, d, ld.got[d.Digest])
+		})
 	}
-	ans, err := s.shared(ctx, "tag\x00"+key, func(ctx context.Context) (*Answer, error) {
-		// A flight that ended since the check above may have resolved it.
-		if ans := s.freshTag(reg, repo, key, cred); ans != nil {
-			return ans, nil
-		}
-		return s.resolveTag(ctx, reg, repo, tag, authz)
-	})
+	if s.onWait != nil {
+		s.onWait()
+	}
+	ans, err := s.wait(ctx, c)
 	if err != nil && upstream.IsUnavailable(err) {
-		if stale := s.staleTag(reg, repo, tag, cred); stale != nil {
+		ld := &loader{cache: s.cache}
+		s.mu.Lock()
+		digest, ok := s.pol.Stale(r, ld.cached)
+		s.mu.Unlock()
+		if ok {
 			s.staleAnswers.Add(1)
-			s.log.Warn("upstream unavailable: answering the tag's last resolution", zap.String("registry", reg.Host),
-				zap.String("repo", repo), zap.String("tag", tag), zap.String("digest", stale.Digest), zap.Error(err))
-			return stale, nil
+			s.log.Warn("upstream unavailable: answering what these credentials were given before", zap.String("registry", reg.Host),
+				zap.String("repo", r.Repo), zap.String("ref", r.Ref), zap.String("digest", digest), zap.Error(err))
+			return &Answer{Digest: digest, Manifest: ld.got[digest], Stale: !r.IsDigest()}, nil
 		}
 	}
 	return ans, err
 }
 
-// freshTag answers a tag from its resolution within TagTTL, for
-// credentials upstream accepted within AuthTTL; nil if there is none.
-func (s *Service) freshTag(reg upstream.Registry, repo, key, cred string) *Answer {
-	if s.cfg.TagTTL <= 0 {
+// join is called with s.mu held, with the Decision just made: the call a
+// waiter waits on, or a new one for a leader, which waiters can see as
+// soon as s.mu is released.
+func (s *Service) join(d Decision) *call {
+	switch {
+	case d.Flight == nil:
 		return nil
+	case d.Action == Wait:
+		return d.Flight.Data.(*call)
+	default:
+		c := &call{done: make(chan struct{})}
+		d.Flight.Data = c
+		return c
 	}
-	s.mu.Lock()
-	e, ok := s.tags[key]
-	s.mu.Unlock()
-	if !ok || s.cfg.Now().Sub(e.at) >= s.cfg.TagTTL || !s.granted(grantKey(reg.Host, repo, e.digest, cred), s.cfg.AuthTTL) {
-		return nil
-	}
-	m, err := s.cache.Manifest(e.digest)
-	if err != nil {
-		return nil
-	}
-	return &Answer{Digest: e.digest, Manifest: m}
 }
 
-// shared runs fn once for all concurrent callers with the same key, on a
+// lead runs a flight's upstream exchange once for all its askers, on a
 // context of its own: an asker that goes away does not cancel it for the
-// others. Each caller still stops waiting when its own ctx ends.
-func (s *Service) shared(ctx context.Context, key string, fn func(context.Context) (*Answer, error)) (*Answer, error) {
-	ch := s.flights.DoChan(key, func() (any, error) {
+// others.
+func (s *Service) lead(d Decision, c *call, fn func(context.Context) (*Answer, error)) {
+	go func() {
 		fctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeout)
 		defer cancel()
-		return fn(fctx)
-	})
-	if s.onWait != nil {
-		s.onWait()
-	}
+		c.ans, c.err = fn(fctx)
+		s.mu.Lock()
+		s.pol.End(d.Flight)
+		s.mu.Unlock()
+		close(c.done)
+	}()
+}
+
+// wait waits for a flight's outcome, until the caller's ctx ends.
+func (s *Service) wait(ctx context.Context, c *call) (*Answer, error) {
 	select {
-	case r := <-ch:
-		if r.Err != nil {
-			return nil, r.Err
-		}
-		return r.Val.(*Answer), nil
+	case <-c.done:
+		return c.ans, c.err
 	case <-ctx.Done():
 		return nil, fmt.Errorf("wait for upstream manifest answer: %w", ctx.Err())
 	}
 }
 
+// upstream is a flight leader's exchange with upstream. cached is the
+// manifest the cache holds for a HeadDigest.
+func (s *Service) upstream(ctx context.Context, reg upstream.Registry, r Request, authz string, d Decision, cached store.Manifest) (*Answer, error) {
+	switch d.Action {
+	case HeadTag:
+		return s.resolveTag(ctx, reg, r, authz)
+	case Get:
+		ans, err := s.fetch(ctx, reg, r.Repo, d.Ref, authz)
+		if err != nil {
+			return nil, err
+		}
+		s.granted(reg, r, ans, authz)
+		return ans, nil
+	case HeadDigest:
+		s.upstreamHEADs.Add(1)
+		resp, err := s.up.Do(ctx, upstream.Request{
+			Registry: reg, Repo: r.Repo, Method: http.MethodHead, Path: "manifests/" + d.Ref,
+			Authorization: authz, Header: acceptHeader(),
+		})
+		if err != nil {
+			return nil, err
+		}
+		resp.Body.Close()
+		ans := &Answer{Digest: d.Digest, Manifest: cached}
+		s.granted(reg, r, ans, authz)
+		return ans, nil
+	}
+	return nil, fmt.Errorf("manifest policy: unexpected action %v", d.Action)
+}
+
+// granted records upstream's yes to these credentials for ans.
+func (s *Service) granted(reg upstream.Registry, r Request, ans *Answer, authz string) {
+	s.mu.Lock()
+	s.pol.Granted(s.cfg.Now(), reg.Host, r.Repo, ans.Digest, r.Cred)
+	s.mu.Unlock()
+	s.onGrant(reg, r.Repo, ans, authz)
+}
+
 // resolveTag asks upstream what the tag names now, with a HEAD, and gets
 // the manifest by digest unless it is already here.
-func (s *Service) resolveTag(ctx context.Context, reg upstream.Registry, repo, tag, authz string) (*Answer, error) {
-	cred := credKey(authz)
+func (s *Service) resolveTag(ctx context.Context, reg upstream.Registry, r Request, authz string) (*Answer, error) {
 	s.upstreamHEADs.Add(1)
 	resp, err := s.up.Do(ctx, upstream.Request{
-		Registry: reg, Repo: repo, Method: http.MethodHead, Path: "manifests/" + tag,
+		Registry: reg, Repo: r.Repo, Method: http.MethodHead, Path: "manifests/" + r.Ref,
 		Authorization: authz, Header: acceptHeader(),
 	})
 	if err != nil {
@@ -252,40 +301,43 @@ func (s *Service) resolveTag(ctx context.Context, reg upstream.Registry, repo, t
 	}
 	resp.Body.Close()
 	digest := resp.Header.Get("Docker-Content-Digest")
-	var ans *Answer
-	if swarmprotoDigest(digest) {
-		if m, err := s.cache.Manifest(digest); err == nil {
-			ans = &Answer{Digest: digest, Manifest: m}
-		} else {
-			// Upstream just named this digest in this repository to these
-			// credentials: the body may come from a GET made for other
-			// credentials' resolution of it, so there is one GET per digest.
-			if s.onBody != nil {
-				s.onBody()
-			}
-			v, err, _ := s.flights.Do("body\x00"+reg.Host+"/"+repo+"@"+digest, func() (any, error) {
-				if m, err := s.cache.Manifest(digest); err == nil { // kept by a flight that just ended
-					return &Answer{Digest: digest, Manifest: m}, nil
-				}
-				return s.fetch(ctx, reg, repo, digest, authz)
-			})
-			if err != nil {
-				return nil, err
-			}
-			ans = v.(*Answer)
-		}
-	} else if ans, err = s.fetch(ctx, reg, repo, tag, authz); err != nil {
-		// Upstream sent no usable digest: the tag's GET gives the body to hash.
-		return nil, err
+	if !swarmprotoDigest(digest) {
+		digest = ""
 	}
-	now := s.cfg.Now()
+	ld := &loader{cache: s.cache}
 	s.mu.Lock()
-	s.putTag(tagKey(reg.Host, repo, tag, cred), tagEntry{ans.Digest, now})
-	s.putGrant(grantKey(reg.Host, repo, ans.Digest, cred), now)
+	d := s.pol.Headed(s.cfg.Now(), r, digest, ld.cached)
+	c := s.join(d)
 	s.mu.Unlock()
-	s.onGrant(reg, repo, ans, authz)
-	if err := s.cache.PutTag(reg.Host, repo, tag, ans.Digest); err != nil {
-		s.log.Warn("remember tag", zap.String("tag", tag), zap.Error(err))
+	var ans *Answer
+	switch {
+	case d.Action == Cached:
+		ans = &Answer{Digest: d.Digest, Manifest: ld.got[d.Digest]}
+	case d.Flight == nil:
+		// Upstream sent no usable digest: the tag's GET gives the body to hash.
+		if ans, err = s.fetch(ctx, reg, r.Repo, r.Ref, authz); err != nil {
+			return nil, err
+		}
+	default:
+		// Upstream just named this digest in this repository to these
+		// credentials: the body may come from a GET made for other
+		// credentials' resolution of it, so there is one GET per digest.
+		if d.Action == Get {
+			s.lead(d, c, func(ctx context.Context) (*Answer, error) { return s.fetch(ctx, reg, r.Repo, d.Ref, authz) })
+		}
+		if s.onBody != nil {
+			s.onBody()
+		}
+		if ans, err = s.wait(ctx, c); err != nil {
+			return nil, err
+		}
+	}
+	s.mu.Lock()
+	s.pol.Resolved(s.cfg.Now(), r, ans.Digest)
+	s.mu.Unlock()
+	s.onGrant(reg, r.Repo, ans, authz)
+	if err := s.cache.PutTag(reg.Host, r.Repo, r.Ref, ans.Digest); err != nil {
+		s.log.Warn("remember tag", zap.String("tag", r.Ref), zap.Error(err))
 	}
 	return ans, nil
 }
@@ -321,122 +373,10 @@ func (s *Service) fetch(ctx context.Context, reg upstream.Registry, repo, ref, a
 	return &Answer{Digest: digest, Manifest: m}, nil
 }
 
-// byDigest answers a manifest from the cache to credentials upstream has
-// accepted for it in this repository, asking upstream with a HEAD when no
-// recent yes is on record, and fetches it once when it is not here.
-func (s *Service) byDigest(ctx context.Context, reg upstream.Registry, repo, digest, authz string) (*Answer, error) {
-	cred := credKey(authz)
-	gkey := grantKey(reg.Host, repo, digest, cred)
-	m, cerr := s.cache.Manifest(digest)
-	if cerr != nil {
-		ans, err := s.shared(ctx, "get\x00"+gkey, func(ctx context.Context) (*Answer, error) {
-			// A flight that ended since the check above may have fetched it.
-			if m, err := s.cache.Manifest(digest); err == nil && s.granted(gkey, s.cfg.AuthTTL) {
-				return &Answer{Digest: digest, Manifest: m}, nil
-			}
-			ans, err := s.fetch(ctx, reg, repo, digest, authz)
-			if err == nil {
-				s.grant(gkey)
-				s.onGrant(reg, repo, ans, authz)
-			}
-			return ans, err
-		})
-		return ans, err
-	}
-	if s.granted(gkey, s.cfg.AuthTTL) {
-		return &Answer{Digest: digest, Manifest: m}, nil
-	}
-	_, err := s.shared(ctx, "head\x00"+gkey, func(ctx context.Context) (*Answer, error) {
-		s.upstreamHEADs.Add(1)
-		resp, err := s.up.Do(ctx, upstream.Request{
-			Registry: reg, Repo: repo, Method: http.MethodHead, Path: "manifests/" + digest,
-			Authorization: authz, Header: acceptHeader(),
-		})
-		if err != nil {
-			return nil, err
-		}
-		resp.Body.Close()
-		s.grant(gkey)
-		s.onGrant(reg, repo, &Answer{Digest: digest, Manifest: m}, authz)
-		return &Answer{Digest: digest}, nil
-	})
-	if err != nil {
-		if upstream.IsUnavailable(err) && s.granted(gkey, -1) {
-			s.staleAnswers.Add(1)
-			s.log.Warn("upstream unavailable: answering a manifest these credentials were given before",
-				zap.String("registry", reg.Host), zap.String("repo", repo), zap.String("digest", digest), zap.Error(err))
-			return &Answer{Digest: digest, Manifest: m}, nil
-		}
-		return nil, err
-	}
-	return &Answer{Digest: digest, Manifest: m}, nil
-}
-
-// staleTag is the tag's last resolution for these credentials, while
-// upstream cannot be asked.
-func (s *Service) staleTag(reg upstream.Registry, repo, tag, cred string) *Answer {
-	s.mu.Lock()
-	e, ok := s.tags[tagKey(reg.Host, repo, tag, cred)]
-	s.mu.Unlock()
-	if !ok || !s.granted(grantKey(reg.Host, repo, e.digest, cred), -1) {
-		return nil
-	}
-	m, err := s.cache.Manifest(e.digest)
-	if err != nil {
-		return nil
-	}
-	return &Answer{Digest: e.digest, Manifest: m, Stale: true}
-}
-
 func (s *Service) onGrant(reg upstream.Registry, repo string, ans *Answer, authz string) {
 	if s.cfg.OnGrant != nil {
 		s.cfg.OnGrant(reg.Host, repo, ans.Digest, authz, ans.Manifest.Body)
 	}
-}
-
-func (s *Service) grant(key string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.putGrant(key, s.cfg.Now())
-}
-
-// granted reports a yes younger than ttl; a negative ttl accepts any age
-// (only while upstream cannot be asked).
-func (s *Service) granted(key string, ttl time.Duration) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	t, ok := s.grants[key]
-	return ok && (ttl < 0 || s.cfg.Now().Sub(t) < ttl)
-}
-
-// putGrant and putTag are called with s.mu held; a full map is swept of
-// expired entries first, then cleared if that is not enough.
-func (s *Service) putGrant(key string, now time.Time) {
-	if len(s.grants) >= maxEntries {
-		for k, t := range s.grants {
-			if now.Sub(t) >= s.cfg.AuthTTL {
-				delete(s.grants, k)
-			}
-		}
-		if len(s.grants) >= maxEntries {
-			clear(s.grants)
-		}
-	}
-	s.grants[key] = now
-}
-
-func (s *Service) putTag(key string, e tagEntry) {
-	if len(s.tags) >= maxEntries {
-		for k, old := range s.tags {
-			if e.at.Sub(old.at) >= s.cfg.TagTTL {
-				delete(s.tags, k)
-			}
-		}
-		if len(s.tags) >= maxEntries {
-			clear(s.tags)
-		}
-	}
-	s.tags[key] = e
 }
 
 func acceptHeader() http.Header {
