@@ -57,13 +57,20 @@ func Key(registry, repo, ref string) string {
 	return registry + "/" + repo + ":" + ref
 }
 
+// Owners is the order in which an agent asks supernodes for a manifest:
+// the owner of Key first, then the next ones by rendezvous, while none can
+// be reached. The simulator (e2e/simulate) sends its agents' requests by it.
+func Owners(registry, repo, ref string, supernodes []string) []string {
+	return rendezvous.Rank(Key(registry, repo, ref), supernodes)
+}
+
 // Manifest asks the owning supernode, then the next ones in rendezvous
 // order while none can be reached. A supernode's answer, refusal included,
 // is final.
 func (c *Client) Manifest(ctx context.Context, req registryproxy.ManifestRequest) (registryproxy.ManifestAnswer, error) {
 	wreq := swarmproto.ManifestRequest{Registry: req.Registry.Host, Repo: req.Repo, Ref: req.Ref, Authorization: req.Authorization}
 	var errs []error
-	for _, id := range rendezvous.Rank(Key(wreq.Registry, wreq.Repo, wreq.Ref), c.owners) {
+	for _, id := range Owners(wreq.Registry, wreq.Repo, wreq.Ref, c.owners) {
 		pid, err := peer.Decode(id)
 		if err != nil {
 			continue

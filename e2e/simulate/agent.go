@@ -465,6 +465,7 @@ func (p *pull) fallBack() {
 		p.store = swarm.NewMemPartial(p.b.size, s.cfg.PieceSize, false, true)
 	}
 	b := p.b
+	s.mf.blobGet(p.a)
 	b.fetching++
 	s.maxFetching = max(s.maxFetching, b.fetching)
 	s.after(2*s.latency(), func() {

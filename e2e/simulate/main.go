@@ -98,6 +98,11 @@ type Result struct {
 	Events  uint64   `json:"events"`
 	WallS   float64  `json:"wall_s"`
 
+	// RegistryRequests are the requests the registry had, by kind (as
+	// e2e/pullstorm's); Manifests the tag resolution's figures.
+	RegistryRequests RegistryRequests `json:"registry_requests"`
+	Manifests        ManifestStats    `json:"manifests"`
+
 	completions []float64
 }
 
@@ -125,7 +130,7 @@ func mainErr(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		AgentBW: 100 << 20, SeedBW: 200 << 20, RegistryBW: 100 << 20, Latency: time.Millisecond,
 		Supernodes: 1, Cores: 1, Seed: 1, SlowBW: 10 << 20,
 		MaxInflight: 8, PerPeer: 2, AgentUploads: 4, SeedUploads: 8, StallTimeout: 15 * time.Second, ClientBlobs: 3,
-		Limit: time.Hour,
+		Limit: time.Hour, Manifests: ManifestConfig{TagTTL: time.Second, RegistryLatency: 20 * time.Millisecond},
 	}
 	fs := flag.NewFlagSet("simulate", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -155,6 +160,7 @@ func mainErr(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.IntVar(&cfg.HostCores, "host-cores", 0, "model every node on one machine with this many cores (the loopback pull storm); 0 = separate machines")
 	fs.Float64Var(&cfg.HostCPUPerGB, "host-cpu-per-gb", 0, "with -host-cores: CPU-seconds the machine spends per GB of piece bytes (pullstorm reports cpu_s_per_gb)")
 	fs.DurationVar(&cfg.Limit, "limit", cfg.Limit, "bound on virtual time")
+	addManifestFlags(fs, &cfg.Manifests)
 	jsonPath := fs.String("json", "", "write the results as JSON to this file")
 	chartPath := fs.String("chart", "", "write an SVG of the completion-time CDF to this file")
 	cpuProfile := fs.String("cpuprofile", "", "write the simulator's CPU profile to this file")
@@ -176,8 +182,8 @@ func mainErr(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		cfg.Nodes, fmtBytes(cfg.Size), cfg.Layers, fmtBytes(cfg.PieceSize), fmtRate(cfg.AgentBW), fmtRate(cfg.SeedBW), cfg.Supernodes,
 		fmtRate(cfg.RegistryBW), cfg.Latency)
 	cfg.Progress = func(p Progress) {
-		fmt.Fprintf(stderr, "virtual %6.2f s  done %d/%d  running %d  events %d  tracker requests %d  wall %.1f s\n",
-			p.Virtual.Seconds(), p.Done, cfg.Nodes, p.Running, p.Events, p.Requests, p.Wall.Seconds())
+		fmt.Fprintf(stderr, "virtual %6.2f s  done %d/%d  running %d  events %d  tracker requests %d  registry requests %d  wall %.1f s\n",
+			p.Virtual.Seconds(), p.Done, cfg.Nodes, p.Running, p.Events, p.Requests, p.Registry.Total(), p.Wall.Seconds())
 	}
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
@@ -252,6 +258,7 @@ func simulate(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	res.SeedEgressRatio = seed / float64(cfg.Size)
 	res.Fetches = s.outcomes
+	res.RegistryRequests, res.Manifests = s.mf.result()
 	for _, b := range s.blobs {
 		if st := b.owner.seeds[b.idx]; st != nil {
 			res.Seeds = append(res.Seeds, [2]float64{time.Duration(st.started).Seconds(), time.Duration(st.done).Seconds()})
@@ -274,6 +281,7 @@ func printSummary(w io.Writer, r *Result) {
 	fmt.Fprintf(w, "seed fetches (start, end in s): %v\n", r.Seeds)
 	fmt.Fprintf(w, "piece fetches: got %d, dup %d, corrupt %d, busy %d, unavailable %d, failed %d\n",
 		r.Fetches[0], r.Fetches[1], r.Fetches[2], r.Fetches[3], r.Fetches[4], r.Fetches[5])
+	printManifests(w, r.RegistryRequests, r.Manifests)
 	fmt.Fprintf(w, "%d events in %.1f s of wall time\n", r.Events, r.WallS)
 }
 

@@ -60,6 +60,8 @@ type Config struct {
 	HostCPUPerGB float64
 	// Limit bounds the virtual time.
 	Limit time.Duration
+	// Manifests: tag resolution before the pull (manifests.go).
+	Manifests ManifestConfig
 	// Progress, if set, is called about every second of wall time.
 	Progress func(p Progress)
 }
@@ -70,6 +72,7 @@ type Progress struct {
 	Done, Running int
 	Events        uint64
 	Requests      int64
+	Registry      RegistryRequests
 	Wall          time.Duration
 }
 
@@ -99,7 +102,8 @@ type sim struct {
 	sns      []*supernode
 	byID     map[peer.ID]*node
 	registry *port
-	host     *port // the machine's CPU, when every node runs on one (-host-cores)
+	mf       *manifestSim // tag resolution and the registry's request counts
+	host     *port        // the machine's CPU, when every node runs on one (-host-cores)
 	zero     []byte
 	asks     []ask // scratch for fill
 	// Scratch for changed.
@@ -220,13 +224,14 @@ func newSim(cfg Config) (*sim, error) {
 	// Slow agents are the first ones; shuffle so they are not all early
 	// in every ordering.
 	s.rng.Shuffle(len(s.agents), func(i, j int) { s.agents[i], s.agents[j] = s.agents[j], s.agents[i] })
+	s.mf = newManifestSim(s)
 	return s, nil
 }
 
 // run plays the storm: every agent asks for the image at time 0.
 func (s *sim) run() {
 	for _, a := range s.agents {
-		a.start()
+		s.mf.pull(a, a.start) // the blobs once the manifest is known
 	}
 	if n := int(s.cfg.Churn * float64(len(s.agents))); n > 0 {
 		// Leavers go at uniformly random moments of the storm's ideal length.
@@ -275,7 +280,7 @@ func (s *sim) interrupted() bool {
 
 func (s *sim) progress(wallStart time.Time) Progress {
 	return Progress{Virtual: time.Duration(s.now), Done: s.done, Running: len(s.agents) - s.done - s.left,
-		Events: s.count, Requests: s.trackerRequests, Wall: time.Since(wallStart)}
+		Events: s.count, Requests: s.trackerRequests, Registry: s.mf.requests, Wall: time.Since(wallStart)}
 }
 
 // tMin is the Kumar–Ross minimum distribution time for the configured

@@ -103,6 +103,7 @@ func (sn *supernode) startSeed(b *blob) {
 	st := &seedState{have: piece.NewBitmap(b.count), started: sn.s.now}
 	sn.seeds[b.idx] = st
 	s := sn.s
+	s.mf.blobGet(sn)
 	// The upstream's response headers take a round trip.
 	s.after(2*s.latency(), func() {
 		sn.charge(func() { sn.state.SetSize(s.vnow(), b.digest, b.size, s.cfg.PieceSize) })
