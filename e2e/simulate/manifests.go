@@ -73,8 +73,8 @@ type ManifestStats struct {
 	CPUS     float64 `json:"cpu_s"`
 	// ResolvedS is when the last agent had the image's manifest.
 	ResolvedS float64 `json:"resolved_s"`
-	// Digests counts the agents that ended with each manifest digest of
-	// the tag (more than one only when the tag moved).
+	// Digests counts the agents still up by the manifest digest they
+	// last resolved the tag to (more than one only when the tag moved).
 	Digests map[string]int `json:"digests"`
 	// OldAfterMoveS is, for the tag moved upstream (-tag-move-at), how
 	// long after the move the last request that was answered the old
@@ -282,8 +282,8 @@ func (m *manifestSim) result() (RegistryRequests, ManifestStats) {
 	st := m.stats
 	st.CPUS = m.cpu.Seconds()
 	st.Digests = map[string]int{}
-	for _, d := range m.digestOf {
-		if d != "" {
+	for _, a := range m.s.agents {
+		if d := m.digestOf[a.n.idx]; d != "" && !a.n.dead {
 			st.Digests[d]++
 		}
 	}

@@ -146,7 +146,7 @@ func TestTenThousandNodeManifests(t *testing.T) {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	jsonPath := filepath.Join(dir, "sim.json")
-	cmd := exec.CommandContext(t.Context(), bin, "-nodes", "10000", "-size", "64MiB", "-layers", "4", "-supernodes", "3",
+	cmd := exec.CommandContext(t.Context(), bin, "-nodes", "10000", "-size", "16MiB", "-layers", "4", "-supernodes", "3",
 		"-churn", "0.1", "-json", jsonPath)
 	var stdout, stderr strings.Builder
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr

@@ -201,8 +201,12 @@ func (s *Service) Resolve(ctx context.Context, req *swarmproto.ManifestRequest) 
 		s.mu.Unlock()
 		if ok {
 			s.staleAnswers.Add(1)
-			s.log.Warn("upstream unavailable: answering what these credentials were given before", zap.String("registry", reg.Host),
-				zap.String("repo", r.Repo), zap.String("ref", r.Ref), zap.String("digest", digest), zap.Error(err))
+			msg := "upstream unavailable: answering the tag's last resolution"
+			if r.IsDigest() {
+				msg = "upstream unavailable: answering a manifest these credentials were given before"
+			}
+			s.log.Warn(msg, zap.String("registry", reg.Host), zap.String("repo", r.Repo), zap.String("ref", r.Ref),
+				zap.String("digest", digest), zap.Error(err))
 			return &Answer{Digest: digest, Manifest: ld.got[digest], Stale: !r.IsDigest()}, nil
 		}
 	}
