@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -102,9 +103,13 @@ func getBlob(ctx context.Context, client *http.Client, prefix string, b v1.Descr
 	}
 	defer resp.Body.Close()
 	h := sha256.New()
-	n, err := io.Copy(h, &countingReader{r: resp.Body, n: moved})
+	cr := &countingReader{r: resp.Body, n: moved}
+	n, err := io.Copy(h, cr)
 	if err != nil {
-		return fmt.Errorf("read after %d bytes: %w", n, err)
+		// The longest wait for a read says which side stalled: a client
+		// that got no CPU for a minute, or a server that sent nothing.
+		return fmt.Errorf("read after %d bytes (longest Read %v, the failing one %v; longest gap between Reads %v): %w",
+			n, cr.longest.Round(time.Millisecond), cr.lastRead.Round(time.Millisecond), cr.gap.Round(time.Millisecond), err)
 	}
 	if n != b.Size {
 		return fmt.Errorf("got %d bytes, want %d", n, b.Size)
@@ -162,15 +167,26 @@ func hashOf(h hash.Hash) v1.Hash {
 	return v1.Hash{Algorithm: "sha256", Hex: hex.EncodeToString(h.Sum(nil))}
 }
 
-// countingReader adds the bytes it reads to n.
+// countingReader adds the bytes it reads to n, and keeps how long the
+// longest and the last Read took (the server was slow) and the longest
+// gap between two Reads (the client was).
 type countingReader struct {
-	r io.Reader
-	n *atomic.Int64
+	r                      io.Reader
+	n                      *atomic.Int64
+	end                    time.Time
+	longest, lastRead, gap time.Duration
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
+	start := time.Now()
+	if !c.end.IsZero() {
+		c.gap = max(c.gap, start.Sub(c.end))
+	}
+	defer func() { c.end = time.Now() }()
 	n, err := c.r.Read(p)
 	c.n.Add(int64(n))
+	c.lastRead = time.Since(start)
+	c.longest = max(c.longest, c.lastRead)
 	return n, err
 }
 

@@ -352,6 +352,13 @@ func runMode(ctx context.Context, cfg Config, mode, bin, workDir string, img *te
 		r.RatioToTMin = r.CompletionS.Max / r.TMinS
 	}
 	var failures []error
+	shown := 0
+	for i, e := range errs {
+		if e != nil && i != firstFailed && shown < 10 {
+			fmt.Fprintf(out, "[%s] node %d failed: %v\n", mode, i, e)
+			shown++
+		}
+	}
 	if firstErr != nil {
 		err := fmt.Errorf("%d of %d pulls failed; node %d: %w", r.FailedPulls, cfg.Nodes, firstFailed, firstErr)
 		if sw != nil {

@@ -9,7 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/starling-oci/starling/pkg/store"
 )
@@ -97,4 +99,36 @@ func TestScrubFindsCorruptBlob(t *testing.T) {
 		t.Fatal("scrub removed the wrong blobs")
 	}
 	t.Logf("found after %v", time.Since(start))
+}
+
+// A pass starts at most once per ScrubEvery: a small cache is not re-read
+// over and over. Fails before (a 1 MiB store at 64 MiB/s was re-hashed
+// some 60 times a second; in the 100-agent pull storm every agent
+// re-hashed its fresh blobs at 8 MiB/s until the storm ended).
+func TestScrubPassesAreSpaced(t *testing.T) {
+	core, logs := observer.New(zap.DebugLevel)
+	st, err := store.Open(store.Options{Dir: t.TempDir()}, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	b, d := randomBlob(t, 1<<20)
+	if err := putBlob(st, d, b); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { st.Scrub(ctx, 64<<20); close(done) }()
+	passes := func() int { return logs.FilterMessage("scrub pass done").Len() }
+	for deadline := time.Now().Add(20 * time.Second); passes() == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no scrub pass in 20 s")
+		}
+	}
+	time.Sleep(time.Second) // about 60 more passes at the old pace
+	cancel()
+	<-done
+	if n := passes(); n != 1 {
+		t.Fatalf("%d scrub passes over a 1 MiB store within a second, want 1 per %v", n, store.ScrubEvery)
+	}
 }
