@@ -55,6 +55,7 @@ type memberTransport struct {
 	key   []byte
 	local peer.ID
 	log   *zap.Logger
+	bufs  coalesceBufs
 }
 
 var _ sec.SecureTransport = (*memberTransport)(nil)
@@ -93,7 +94,8 @@ func (t *memberTransport) ID() protocol.ID { return t.tls.ID() }
 
 // SecureInbound implements sec.SecureTransport.
 func (t *memberTransport) SecureInbound(ctx context.Context, insecure net.Conn, p peer.ID) (sec.SecureConn, error) {
-	sc, err := t.tls.SecureInbound(ctx, insecure, p)
+	raw := newCoalescingConn(insecure, &t.bufs)
+	sc, err := t.tls.SecureInbound(ctx, raw, p)
 	if err != nil {
 		return nil, err
 	}
@@ -103,12 +105,14 @@ func (t *memberTransport) SecureInbound(ctx context.Context, insecure net.Conn, 
 			zap.Stringer("remote_addr", insecure.RemoteAddr()), zap.Error(err))
 		return nil, err
 	}
-	return sc, nil
+	raw.start()
+	return &flushingConn{SecureConn: sc, raw: raw}, nil
 }
 
 // SecureOutbound implements sec.SecureTransport.
 func (t *memberTransport) SecureOutbound(ctx context.Context, insecure net.Conn, p peer.ID) (sec.SecureConn, error) {
-	sc, err := t.tls.SecureOutbound(ctx, insecure, p)
+	raw := newCoalescingConn(insecure, &t.bufs)
+	sc, err := t.tls.SecureOutbound(ctx, raw, p)
 	if err != nil {
 		return nil, err
 	}
@@ -118,7 +122,8 @@ func (t *memberTransport) SecureOutbound(ctx context.Context, insecure net.Conn,
 			zap.Stringer("remote_addr", insecure.RemoteAddr()), zap.Error(err))
 		return nil, err
 	}
-	return sc, nil
+	raw.start()
+	return &flushingConn{SecureConn: sc, raw: raw}, nil
 }
 
 // prove sends this side's proof and checks the peer's. Both sides write
