@@ -69,7 +69,11 @@ func (c *Cache) OpenBlob(ctx context.Context, req registryproxy.BlobRequest) (re
 	for range 2 {
 		f, size, err := c.store.Open(req.Digest)
 		if err == nil {
-			return newFileBlob(f, size, req.Digest, c.store), nil
+			b := newFileBlob(f, size, req.Digest, c.store)
+			// The first serve after our own commit is not hashed again:
+			// the commit hashed these very bytes (see store.TakeFresh).
+			b.ok = c.store.TakeFresh(req.Digest, f)
+			return b, nil
 		}
 		if !errors.Is(err, store.ErrNotFound) {
 			return nil, err
@@ -211,7 +215,11 @@ func (c *Cache) Close() {
 // hashed as it goes, and the read that would return the last byte fails
 // instead if the digest is wrong; any other read (a Range) first hashes
 // the whole file. A corrupt blob is quarantined, so the next request
-// fetches it again.
+// fetches it again. The one exception is the first serve after this
+// process committed the blob, of the same unchanged file (ok from the
+// start): the commit has just hashed those bytes, and a pull storm's
+// clients, which mostly come right after a prefetch, would otherwise pay
+// a third SHA-256 pass over every byte.
 type fileBlob struct {
 	f      *os.File
 	size   int64

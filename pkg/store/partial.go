@@ -314,7 +314,9 @@ func (p *Partial) hashAlong(off int64, data []byte) error {
 // hashFromFile feeds the digest with the file's bytes [seqAt, end); the
 // caller holds hashMu.
 func (p *Partial) hashFromFile(end int64) error {
-	n, err := io.Copy(p.seq, io.NewSectionReader(p.f, p.seqAt, end-p.seqAt))
+	buf := p.s.rereadBuf()
+	defer p.s.rereadBufs.Put(buf)
+	n, err := io.CopyBuffer(p.seq, io.NewSectionReader(p.f, p.seqAt, end-p.seqAt), *buf)
 	p.seqAt += n
 	p.reread += n
 	if err != nil {
@@ -558,10 +560,14 @@ func (p *Partial) Commit() error {
 	if err := p.s.putMeta(p.digest, blobMeta{Size: p.size, PieceSize: p.pieceSize, Complete: true, LastAccess: p.s.now().Unix()}); err != nil {
 		return err
 	}
+	id, idErr := idOf(p.f)
 	p.s.mu.Lock()
 	p.s.used += p.size
 	if p.s.partials[p.digest] == p {
 		delete(p.s.partials, p.digest)
+	}
+	if idErr == nil {
+		p.s.fresh[p.digest] = id
 	}
 	p.s.mu.Unlock()
 	p.lock()

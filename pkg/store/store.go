@@ -62,10 +62,15 @@ type Store struct {
 
 	mu       sync.Mutex
 	partials map[string]*Partial // live partial blobs by digest
-	used     int64               // bytes of complete blobs
-	deleteMu sync.Mutex          // one Delete at a time: check, remove and count as one step
-	evicted  atomic.Int64        // blobs evicted to keep the quota or make room (for metrics)
-	roomMu   sync.Mutex          // one makeRoom at a time: check, evict and allocate as one step
+	fresh    map[string]fileID   // blobs committed by this process, not opened since (see TakeFresh)
+	// rereadBufs are the read buffers of Partial.hashFromFile: pieces that
+	// arrived ahead of the blob hash (most of them, in a swarm) are read
+	// back in 256 KiB reads, not io.Copy's 32 KiB.
+	rereadBufs sync.Pool
+	used       int64        // bytes of complete blobs
+	deleteMu   sync.Mutex   // one Delete at a time: check, remove and count as one step
+	evicted    atomic.Int64 // blobs evicted to keep the quota or make room (for metrics)
+	roomMu     sync.Mutex   // one makeRoom at a time: check, evict and allocate as one step
 }
 
 // blobMeta is the badger record of one blob.
@@ -118,7 +123,7 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 		reserve = DefaultReserve
 	}
 	s := &Store{dir: opts.Dir, db: db, quota: opts.QuotaBytes, reserve: reserve, onRemove: opts.OnRemove, now: now, log: log,
-		partials: map[string]*Partial{}}
+		partials: map[string]*Partial{}, fresh: map[string]fileID{}}
 	if err := s.recover(); err != nil {
 		db.Close()
 		return nil, err
@@ -295,6 +300,14 @@ func (s *Store) open(digest string, touch bool) (*os.File, int64, error) {
 	return f, m.Size, nil
 }
 
+func (s *Store) rereadBuf() *[]byte {
+	if b, ok := s.rereadBufs.Get().(*[]byte); ok {
+		return b
+	}
+	b := make([]byte, 256<<10)
+	return &b
+}
+
 // Has reports whether the blob is complete in the store.
 func (s *Store) Has(digest string) bool {
 	m, err := s.getMeta(digest)
@@ -331,6 +344,7 @@ func (s *Store) Delete(digest string) error {
 	}
 	s.mu.Lock()
 	s.used -= m.Size
+	delete(s.fresh, digest)
 	s.mu.Unlock()
 	return nil
 }
