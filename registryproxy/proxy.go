@@ -514,10 +514,16 @@ func (p *Proxy) headUpstream(w http.ResponseWriter, r *http.Request, reg upstrea
 	return nil
 }
 
+// copyBuf is copyRange's buffer: each read of the blob and each write to
+// the client moves 256 KiB, so a blob costs an eighth of the system calls
+// of io.Copy's 32 KiB.
+const copyBuf = 256 << 10
+
 // copyRange streams the range. (Complete blobs go through the Blob too,
 // not sendfile: the blob cache re-hashes them as they are read.)
 func copyRange(w io.Writer, blob Blob, rng ByteRange) error {
-	_, err := io.Copy(w, io.NewSectionReader(blob, rng.Start, rng.Len()))
+	buf := make([]byte, min(copyBuf, max(rng.Len(), 1)))
+	_, err := io.CopyBuffer(w, io.NewSectionReader(blob, rng.Start, rng.Len()), buf)
 	return err
 }
 

@@ -22,8 +22,9 @@ func TestNilIsUnlimited(t *testing.T) {
 	}
 }
 
-// The limiter paces: 256 KiB at 1 MiB/s with a 64 KiB burst cannot pass in
-// much under 192 ms. (A lower bound only; the machine may be slower.)
+// The limiter paces: 256 KiB at 1 MiB/s with a 64 KiB burst (1/16 s of
+// the rate) cannot pass in much under 192 ms. (A lower bound only; the
+// machine may be slower.)
 func TestWriterPaces(t *testing.T) {
 	l := New(1 << 20)
 	var out bytes.Buffer
@@ -43,5 +44,17 @@ func TestWaitHonoursContext(t *testing.T) {
 	cancel()
 	if err := l.Wait(ctx, 1<<20); err == nil {
 		t.Fatal("Wait ignored a cancelled context")
+	}
+}
+
+// A limiter waits in chunks of 1/16 s of its rate, within 16-256 KiB.
+func TestChunk(t *testing.T) {
+	for _, c := range []struct {
+		rate  int64
+		chunk int
+	}{{1 << 10, 16 << 10}, {1 << 20, 64 << 10}, {10 << 20, 256 << 10}, {1 << 30, 256 << 10}} {
+		if got := New(c.rate).chunk; got != c.chunk {
+			t.Errorf("rate %d: chunk %d, want %d", c.rate, got, c.chunk)
+		}
 	}
 }
