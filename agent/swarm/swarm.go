@@ -13,7 +13,9 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,6 +23,7 @@ import (
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
+	lpswarm "github.com/libp2p/go-libp2p/p2p/net/swarm"
 	"go.uber.org/zap"
 
 	"github.com/starling-oci/starling/agent/blobcache"
@@ -334,7 +337,7 @@ func (s *Swarm) join(ctx context.Context, req registryproxy.BlobRequest, skip ma
 			continue
 		}
 		tr := &trackerClient{host: s.host, peer: pid, req: req}
-		resp, err := tr.waitForSize(ctx, s.cfg.StallTimeout)
+		resp, err := s.ask(ctx, tr)
 		if err == nil || errors.Is(err, errSlowSeed) {
 			return tr, resp, err // answered: a slow seed is still this blob's seed
 		}
@@ -346,6 +349,44 @@ func (s *Swarm) join(ctx context.Context, req registryproxy.BlobRequest, skip ma
 		errs = append(errs, fmt.Errorf("supernode %s: %w", pid, err))
 	}
 	return nil, nil, errors.Join(errs...)
+}
+
+// ask waits for the blob's size from tr's supernode. A dial that timed out
+// (a handshake a starved machine did not finish in time; a refused
+// connection is final) is tried again, past libp2p's dial backoff, for up
+// to StallTimeout before the supernode counts as unreachable and the agent
+// goes to the registry alone.
+func (s *Swarm) ask(ctx context.Context, tr *trackerClient) (*swarmproto.TrackerResponse, error) {
+	start := time.Now()
+	for {
+		resp, err := tr.waitForSize(ctx, s.cfg.StallTimeout)
+		if err == nil || !dialTimedOut(err) || ctx.Err() != nil || time.Since(start) >= s.cfg.StallTimeout {
+			return resp, err
+		}
+		s.log.Info("dial to the supernode timed out or is backing off; dialling it again", zap.String("supernode", tr.peer.String()),
+			zap.String("digest", tr.req.Digest), zap.Error(err))
+		if n, ok := s.host.Network().(interface{ Backoff() *lpswarm.DialBackoff }); ok {
+			n.Backoff().Clear(tr.peer)
+		}
+		select {
+		case <-time.After(time.Second):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// dialTimedOut reports whether err is a connection to a supernode that
+// could not be set up in time (not a late answer on a live one), or one
+// refused by libp2p's dial backoff after an earlier failure (whose cause
+// the next dial tells).
+func dialTimedOut(err error) bool {
+	if errors.Is(err, errLate) {
+		return false
+	}
+	var ne net.Error
+	return errors.Is(err, lpswarm.ErrDialBackoff) || errors.Is(err, lpswarm.ErrDialTimeout) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }
 
 func cidsFrom(strs []string) ([]cid.Cid, error) {

@@ -178,10 +178,12 @@ func (t *trackerClient) roundTrip(ctx context.Context, r swarmproto.TrackerReque
 		}
 	}()
 	resp, err := t.roundTripCtx(ctx, r)
+	// Whether the wait ran out is read before cancel(nil) ends it anyway.
+	expired, cause := ctx.Err() != nil, context.Cause(ctx)
 	cancel(nil)
 	<-watched
-	if err != nil && ctx.Err() != nil && parent.Err() == nil {
-		if cause := context.Cause(ctx); errors.Is(cause, errGone) {
+	if err != nil && expired && parent.Err() == nil {
+		if errors.Is(cause, errGone) {
 			return resp, fmt.Errorf("%w: %w", errGone, err)
 		}
 		err = fmt.Errorf("%w after %v: %w", errLate, patience, err)

@@ -12,6 +12,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/starling-oci/starling/pkg/ocierr"
 	"github.com/starling-oci/starling/pkg/p2p"
 	"github.com/starling-oci/starling/pkg/swarmproto"
 	"github.com/starling-oci/starling/pkg/wire"
@@ -151,4 +152,25 @@ func trackerPair(t *testing.T, h network.StreamHandler) (server, client host.Hos
 		t.Fatal(err)
 	}
 	return server, client
+}
+
+// A refusal the supernode answers (the seed refused upstream) is an answer,
+// not a late one: it must not be waited on as a slow supernode. Fails with
+// the first version of the same-stream wait, which read the context after
+// cancelling it and called every error late.
+func TestRefusalIsNotLate(t *testing.T) {
+	server, client := trackerPair(t, func(s network.Stream) {
+		var req swarmproto.TrackerRequest
+		if wire.ReadMsg(s, &req, swarmproto.MaxRequestBytes) != nil {
+			return
+		}
+		_ = wire.WriteMsg(s, &swarmproto.TrackerResponse{Version: 1, Size: -1, Error: "refused upstream", Status: 404, Interval: 1})
+		s.Close()
+	})
+	tc := &trackerClient{host: client, peer: server.ID(), req: registryproxy.BlobRequest{Digest: "sha256:" + strings.Repeat("ab", 32)}}
+	_, err := tc.poll(context.Background(), 0, nil, false, -1, nil)
+	var oe *ocierr.Error
+	if !errors.As(err, &oe) || oe.Status != 404 || errors.Is(err, errLate) || tc.slow(err) {
+		t.Fatalf("poll answered with a refusal: %v; want the 404, not a late answer", err)
+	}
 }
