@@ -90,7 +90,7 @@ func (p *progress) print(t0 time.Time, client *http.Client, final bool) {
 
 // scrapeAll sums the agents' byte counters with a client of its own.
 func scrapeAll(ctx context.Context, mirrors []string) agentBytes {
-	tr := &http.Transport{Proxy: nil}
+	tr := &http.Transport{Proxy: nil, DisableCompression: true} // see start
 	defer tr.CloseIdleConnections()
 	return scrape(ctx, &http.Client{Transport: tr, Timeout: scrapeTimeout}, mirrors)
 }
