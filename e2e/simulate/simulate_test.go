@@ -112,6 +112,11 @@ func TestThousandNodeStorm(t *testing.T) {
 	if r.SeedEgressRatio > 1.5 {
 		t.Errorf("seed_egress_ratio %.3f > 1.5", r.SeedEgressRatio)
 	}
+	// Measured 1.35 (the target is 1.3): this catches a swarm
+	// that regresses, not yet the target.
+	if r.RatioToTMin > 1.5 {
+		t.Errorf("ratio_to_t_min %.3f > 1.5", r.RatioToTMin)
+	}
 	if r.TMinS <= 0 || r.RatioToTMin <= 0 || r.TrackerRequests <= 0 || r.TrackerCPUS <= 0 {
 		t.Errorf("t_min_s %v, ratio_to_t_min %v, tracker_requests %d, tracker_cpu_s %v: want all > 0",
 			r.TMinS, r.RatioToTMin, r.TrackerRequests, r.TrackerCPUS)
