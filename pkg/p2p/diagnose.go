@@ -29,6 +29,8 @@ func ExplainDialError(err error) string {
 	switch {
 	case strings.Contains(msg, "peer id mismatch") || strings.Contains(msg, "peer IDs don't match"):
 		return "another peer ID answers at that address: the peer's identity changed (a supernode started without --identity gets a new peer ID each start; pin --identity and update --supernode)"
+	case strings.Contains(msg, ErrProofTimeout.Error()):
+		return "timed out in the membership proof: the peer answered the handshake but not the proof in time (an overloaded peer or machine, not a key mismatch)"
 	case strings.Contains(msg, ErrNotMember.Error()) ||
 		strings.Contains(msg, "failed to negotiate security protocol") &&
 			(strings.Contains(msg, "trailing newline") || strings.Contains(msg, "message was too large") ||

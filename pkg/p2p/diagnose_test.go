@@ -3,9 +3,13 @@ package p2p
 import (
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -126,6 +130,26 @@ func TestIdentityOfTheWrongKindOfFile(t *testing.T) {
 		_, err := PeerIDFromIdentity(path)
 		if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "private key") {
 			t.Errorf("PeerIDFromIdentity(%s) = %v, want an error saying %q and what was expected", filepath.Base(path), err, want)
+		}
+	}
+}
+
+// TestProofTimeoutIsNotAKeyMismatch: a proof that did not arrive in time
+// (an overloaded machine) is not reported as a foreign swarm key, while a
+// peer that hangs up on our proof still is.
+func TestProofTimeoutIsNotAKeyMismatch(t *testing.T) {
+	t.Parallel()
+	remote := peer.ID("remote")
+	timeout := proofReadError(remote, fmt.Errorf("read tcp 127.0.0.1:1->127.0.0.1:2: %w", os.ErrDeadlineExceeded))
+	if errors.Is(timeout, ErrNotMember) || !errors.Is(timeout, ErrProofTimeout) {
+		t.Errorf("timed-out proof read = %v, want ErrProofTimeout and not ErrNotMember", timeout)
+	}
+	if got := ExplainDialError(timeout); strings.Contains(got, "swarm keys differ") || !strings.Contains(got, "timed out") {
+		t.Errorf("ExplainDialError(%v) = %q, want a timeout, not a key mismatch", timeout, got)
+	}
+	for _, err := range []error{io.EOF, io.ErrUnexpectedEOF, syscall.ECONNRESET} {
+		if got := proofReadError(remote, err); !errors.Is(got, ErrNotMember) {
+			t.Errorf("proof read failing with %v = %v, want ErrNotMember", err, got)
 		}
 	}
 }

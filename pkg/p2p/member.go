@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
@@ -159,8 +160,7 @@ func (t *memberTransport) prove(ctx context.Context, sc sec.SecureConn, role byt
 	}
 	got := make([]byte, proofLen)
 	if _, err := io.ReadFull(sc, got); err != nil {
-		// A peer with another key closes the connection when it reads ours.
-		return fmt.Errorf("membership proof with %s: read: %w: %w", remote, err, ErrNotMember)
+		return proofReadError(remote, err)
 	}
 	if !hmac.Equal(got, want) {
 		return fmt.Errorf("membership proof with %s: %w", remote, ErrNotMember)
@@ -184,4 +184,19 @@ func (t *memberTransport) proof(ekm []byte, role byte, prover, verifier peer.ID)
 	writeID(prover)
 	writeID(verifier)
 	return m.Sum(nil)
+}
+
+// ErrProofTimeout means the peer did not send its membership proof in
+// time: an overloaded peer or machine, not a foreign swarm key.
+var ErrProofTimeout = errors.New("no membership proof in time (the peer or this machine is overloaded, or the link is)")
+
+// proofReadError says why the peer's proof did not arrive. A peer with
+// another key closes the connection when it reads ours, so a closed or reset
+// connection means the keys differ; a deadline that passed means nothing
+// about the key (seen at load ~290, where calling it "keys differ" misled).
+func proofReadError(remote peer.ID, err error) error {
+	if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("membership proof with %s: read: %w: %w", remote, err, ErrProofTimeout)
+	}
+	return fmt.Errorf("membership proof with %s: read: %w: %w", remote, err, ErrNotMember)
 }
