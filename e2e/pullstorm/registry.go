@@ -15,6 +15,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/registry"
 
+	"github.com/starling-oci/starling/e2e/internal/regreq"
 	"github.com/starling-oci/starling/pkg/ratelimit"
 )
 
@@ -160,21 +161,9 @@ func (w *egressWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 // A failed flush surfaces on the next Write.
 func (w *egressWriter) Flush() { _ = http.NewResponseController(w.ResponseWriter).Flush() }
 
-// RegistryRequests counts the requests a registry had, by kind: manifest
-// GETs are what registries such as Docker Hub count as pulls against their
-// rate limits; HEADs are not counted there.
-type RegistryRequests struct {
-	ManifestGet  int64 `json:"manifest_get"`
-	ManifestHead int64 `json:"manifest_head"`
-	BlobGet      int64 `json:"blob_get"`
-	BlobHead     int64 `json:"blob_head"`
-	Other        int64 `json:"other"`
-}
-
-// Total is every request counted.
-func (r RegistryRequests) Total() int64 {
-	return r.ManifestGet + r.ManifestHead + r.BlobGet + r.BlobHead + r.Other
-}
+// RegistryRequests counts the requests the registry had, by kind (shared
+// with e2e/simulate so both report the same fields).
+type RegistryRequests = regreq.Counts
 
 type requestCounter struct {
 	manifestGet, manifestHead, blobGet, blobHead, other atomic.Int64

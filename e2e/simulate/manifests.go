@@ -9,6 +9,7 @@ import (
 	"time"
 
 	agentmanifests "github.com/starling-oci/starling/agent/manifests"
+	"github.com/starling-oci/starling/e2e/internal/regreq"
 	"github.com/starling-oci/starling/supernode/manifests"
 )
 
@@ -44,27 +45,9 @@ func addManifestFlags(fs *flag.FlagSet, c *ManifestConfig) {
 	fs.DurationVar(&c.RepullAt, "repull-at", 0, "every agent still up resolves the tag again at this virtual time (0: never)")
 }
 
-// RegistryRequests counts the requests the registry had, by kind, as
-// e2e/pullstorm's do: manifest GETs are what registries such as Docker
-// Hub count as pulls; other is the token flow's /v2/ ping, once per
-// upstream client and repository.
-type RegistryRequests struct {
-	ManifestGet  int64 `json:"manifest_get"`
-	ManifestHead int64 `json:"manifest_head"`
-	BlobGet      int64 `json:"blob_get"`
-	BlobHead     int64 `json:"blob_head"`
-	Other        int64 `json:"other"`
-}
-
-// Total is every request counted.
-func (r RegistryRequests) Total() int64 {
-	return r.ManifestGet + r.ManifestHead + r.BlobGet + r.BlobHead + r.Other
-}
-
-func (r RegistryRequests) String() string {
-	return fmt.Sprintf("%d (manifest GET %d, manifest HEAD %d, blob GET %d, blob HEAD %d, other %d)",
-		r.Total(), r.ManifestGet, r.ManifestHead, r.BlobGet, r.BlobHead, r.Other)
-}
+// RegistryRequests counts the requests the simulated registry had, by
+// kind, exactly as e2e/pullstorm counts the real one's.
+type RegistryRequests = regreq.Counts
 
 // ManifestStats are the manifest side's results.
 type ManifestStats struct {
