@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -154,14 +152,7 @@ func TestTenThousandNodeManifests(t *testing.T) {
 		t.Fatalf("simulate: %v\n%s\n%s", err, stdout.String(), stderr.String())
 	}
 	t.Log(stdout.String())
-	raw, err := os.ReadFile(jsonPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var r Result
-	if err := json.Unmarshal(raw, &r); err != nil {
-		t.Fatal(err)
-	}
+	r := readResult(t, jsonPath)
 	checkCounts(t, &r)
 	if r.Completed != r.Nodes-r.Left || r.Incomplete != 0 {
 		t.Errorf("completed %d of %d (left %d, incomplete %d)", r.Completed, r.Nodes, r.Left, r.Incomplete)

@@ -92,14 +92,7 @@ func TestThousandNodeStorm(t *testing.T) {
 		t.Fatalf("simulate: %v\n%s\n%s", err, stdout.String(), stderr.String())
 	}
 	t.Logf("simulated 1,000 nodes in %v:\n%s", time.Since(start).Round(time.Millisecond), stdout.String())
-	raw, err := os.ReadFile(jsonPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var r Result
-	if err := json.Unmarshal(raw, &r); err != nil {
-		t.Fatal(err)
-	}
+	r := readResult(t, jsonPath)
 	if r.Nodes != 1000 || r.Completed != 1000 || r.Incomplete != 0 {
 		t.Errorf("completed %d of %d (incomplete %d)", r.Completed, r.Nodes, r.Incomplete)
 	}
@@ -214,4 +207,18 @@ func TestRealityCheck(t *testing.T) {
 	if diff > 0.5 {
 		t.Errorf("real storm %.2f s, simulated %.2f s: more than 50%% apart", r.CompletionS.Max, sim.CompletionS.Max)
 	}
+}
+
+// readResult reads a run's -json output.
+func readResult(t *testing.T, path string) Result {
+	t.Helper()
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r Result
+	if err := json.Unmarshal(raw, &r); err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	return r
 }
