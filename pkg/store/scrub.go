@@ -59,7 +59,8 @@ func (s *Store) Quarantine(digest string, why error) {
 // cache that takes less than that to re-hash (at --scrub-rate, 8 MiB/s:
 // up to about 28 GiB) is re-read once per ScrubEvery, not over and over.
 // Each pass still hashes every complete blob; the serve path re-hashes a
-// complete blob as it is read in any case.
+// complete blob as it is read, except on the first serve after this
+// process committed it (TakeFresh).
 const ScrubEvery = time.Hour
 
 // Scrub re-hashes every complete blob, one after another, reading at most
