@@ -95,8 +95,10 @@ type Result struct {
 	// Fetches counts piece fetch outcomes: got, dup, corrupt, busy,
 	// unavailable, failed.
 	Fetches [6]int64 `json:"fetches"`
-	Events  uint64   `json:"events"`
-	WallS   float64  `json:"wall_s"`
+	// Timeline is the swarm sampled every 250 ms of virtual time (-timeline).
+	Timeline []Sample `json:"timeline,omitempty"`
+	Events   uint64   `json:"events"`
+	WallS    float64  `json:"wall_s"`
 
 	// RegistryRequests are the requests the registry had, by kind (as
 	// e2e/pullstorm's); Manifests the tag resolution's figures.
@@ -159,6 +161,7 @@ func mainErr(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.Float64Var(&cfg.TrackerTotalRate, "tracker-total-rate", 0, "tracker: requests per second overall its interval aims at (0: its default)")
 	fs.IntVar(&cfg.HostCores, "host-cores", 0, "model every node on one machine with this many cores (the loopback pull storm); 0 = separate machines")
 	fs.Float64Var(&cfg.HostCPUPerGB, "host-cpu-per-gb", 0, "with -host-cores: CPU-seconds the machine spends per GB of piece bytes (pullstorm reports cpu_s_per_gb)")
+	fs.BoolVar(&cfg.Timeline, "timeline", false, "add to the -json output the swarm sampled every 250 ms of virtual time: link use, agents' lag behind the seed, queued requests, fetch outcomes")
 	fs.DurationVar(&cfg.Limit, "limit", cfg.Limit, "bound on virtual time")
 	addManifestFlags(fs, &cfg.Manifests)
 	jsonPath := fs.String("json", "", "write the results as JSON to this file")
@@ -258,6 +261,7 @@ func simulate(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	res.SeedEgressRatio = seed / float64(cfg.Size)
 	res.Fetches = s.outcomes
+	res.Timeline = s.timeline
 	res.RegistryRequests, res.Manifests = s.mf.result()
 	for _, b := range s.blobs {
 		if st := b.owner.seeds[b.idx]; st != nil {

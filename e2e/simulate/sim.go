@@ -62,6 +62,8 @@ type Config struct {
 	Limit time.Duration
 	// Manifests: tag resolution before the pull (manifests.go).
 	Manifests ManifestConfig
+	// Timeline: sample the swarm every 250 ms of virtual time (Result.Timeline).
+	Timeline bool
 	// Progress, if set, is called about every second of wall time.
 	Progress func(p Progress)
 }
@@ -113,6 +115,7 @@ type sim struct {
 	moved   []*flow
 
 	outcomes        [swarm.Failed + 1]int64
+	timeline        []Sample
 	trackerRequests int64
 	trackerCPU      time.Duration
 	fallbacks       int
@@ -240,6 +243,9 @@ func (s *sim) run() {
 			a := s.agents[k]
 			s.after(int64(s.rng.Float64()*tmin*1e9), a.leave)
 		}
+	}
+	if s.cfg.Timeline {
+		s.startTimeline()
 	}
 	// One OS thread for the whole loop, so that thread CPU time measures
 	// the tracker's calls.

@@ -222,3 +222,42 @@ func readResult(t *testing.T, path string) Result {
 	}
 	return r
 }
+
+// The timeline accounts for the storm: samples every 250 ms of virtual
+// time, link use within the links' capacity, the seed never losing a
+// piece, and no more fetch outcomes than the run counted.
+func TestTimelineAccountsForTheStorm(t *testing.T) {
+	cfg := smallStorm()
+	cfg.Timeline = true
+	res, err := simulate(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tl := res.Timeline
+	if want := int(res.CompletionS.Max/sampleEvery.Seconds()) - 1; len(tl) < want {
+		t.Fatalf("%d samples for a %.2f s storm, want at least %d", len(tl), res.CompletionS.Max, want)
+	}
+	pieces := cfg.Layers * int(cfg.Size/int64(cfg.Layers)/cfg.PieceSize)
+	var got int64
+	busiest := 0.0
+	for k, smp := range tl {
+		if want := float64(k+1) * sampleEvery.Seconds(); math.Abs(smp.T-want) > 1e-9 {
+			t.Fatalf("sample %d at %.3f s, want %.3f s", k, smp.T, want)
+		}
+		if smp.Up < 0 || smp.Up > 1+1e-9 || smp.Down < smp.Up-1e-9 || smp.Down > 1+1e-9 {
+			// Agents' downloads carry their uploads plus the seed's.
+			t.Fatalf("sample %d: up %.3f, down %.3f", k, smp.Up, smp.Down)
+		}
+		if k > 0 && smp.SeedPieces < tl[k-1].SeedPieces || smp.SeedPieces > pieces || smp.AgentPieces > float64(pieces) {
+			t.Fatalf("sample %d: seed %d, agents %.1f of %d pieces", k, smp.SeedPieces, smp.AgentPieces, pieces)
+		}
+		got += smp.Outcomes[0]
+		busiest = max(busiest, smp.Up)
+	}
+	if got == 0 || got > res.Fetches[0] {
+		t.Fatalf("timeline counts %d pieces got, the run %d", got, res.Fetches[0])
+	}
+	if busiest < 0.5 {
+		t.Fatalf("agents' uploads never passed %.2f of their capacity: the swarm did not move", busiest)
+	}
+}
