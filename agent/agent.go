@@ -246,7 +246,9 @@ func newSwarm(cfg Config, st *store.Store, origin *blobcache.Origin, download *r
 	if err != nil {
 		return nil, nil, err
 	}
-	pieceserver.NewServer(st, ratelimit.New(int64(cfg.UploadRate)), cfg.MaxUploads, log.Named("pieces")).Register(h)
+	pieces := pieceserver.NewServer(st, ratelimit.New(int64(cfg.UploadRate)), cfg.MaxUploads, log.Named("pieces"))
+	pieces.Register(h)
+	pieces.RegisterWatch(h)
 	fallbacks := m.NewCounterVec("back_to_source_total",
 		"Blobs (or their missing pieces) the agent fetched from the registry because the swarm could not deliver them, by reason.",
 		"reason", metrics.FallbackReasons)

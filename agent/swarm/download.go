@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
 	"go.uber.org/zap"
 
 	"github.com/starling-oci/starling/agent/blobcache"
@@ -49,6 +50,14 @@ type permitAnswer struct {
 	granted bool
 	lease   time.Duration
 	err     error
+}
+
+// news is a watched peer's bitmap, or the end of its watch.
+type news struct {
+	from peer.ID
+	have []byte
+	end  bool
+	err  error
 }
 
 type update struct {
@@ -95,6 +104,7 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 
 	permits := make(chan permitAnswer, 1)
 	asking := false // a permit request is out
+	watched := make(chan news, DefaultWatch)
 	tick := d.s.clock.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -103,9 +113,19 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 			return nil
 		}
 		d.schedule(ctx, &wg, results, &have)
+		d.watch(ctx, &wg, watched)
 		d.starved.Store(d.sched.Starved(d.s.clock.Now()))
 		changed := d.p.Changed()
 		select {
+		case n := <-watched:
+			if n.end {
+				d.sched.Unwatched(n.from)
+				if n.err != nil && ctx.Err() == nil {
+					d.s.log.Debug("watch ended", zap.String("digest", d.req.Digest), zap.Stringer("peer", n.from), zap.Error(n.err))
+				}
+				break
+			}
+			d.sched.PeerHave(n.from, n.have)
 		case u := <-updates:
 			if u.err != nil {
 				return &errFallback{reason: "tracker: " + u.err.Error(), trackerLost: true}
@@ -182,6 +202,32 @@ func (d *download) merge(resp *swarmproto.TrackerResponse) error {
 		d.s.host.Peerstore().AddAddrs(p.ID, swarmproto.ParseAddrs(p.Addrs), 10*time.Minute)
 	}
 	return nil
+}
+
+// watch starts watching the peers the policy picks: each watch hands the
+// peer's bitmaps to the download's loop until it ends.
+func (d *download) watch(ctx context.Context, wg *sync.WaitGroup, out chan<- news) {
+	for {
+		id, ok := d.sched.Watch()
+		if !ok {
+			return
+		}
+		req := swarmproto.WatchRequest{Digest: d.req.Digest, PieceSize: d.p.PieceSize()}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := d.s.fetcher.Watch(ctx, id, req, d.count, func(have []byte) {
+				select {
+				case out <- news{from: id, have: have}:
+				case <-ctx.Done():
+				}
+			})
+			select {
+			case out <- news{from: id, end: true, err: err}:
+			case <-ctx.Done():
+			}
+		}()
+	}
 }
 
 // sawData records that piece bytes are arriving (called from transfers).
@@ -262,6 +308,7 @@ func (d *download) takeFailed() []swarmproto.Failure {
 
 // announceLoop tells the tracker about new pieces, coalescing bursts.
 func (d *download) announceLoop(ctx context.Context, signal <-chan struct{}) {
+	holder := false // announced a piece
 	for {
 		select {
 		case <-signal:
@@ -269,7 +316,9 @@ func (d *download) announceLoop(ctx context.Context, signal <-chan struct{}) {
 			return
 		}
 		have := d.p.Have()
-		if err := d.tr.have(ctx, have.Bytes(), d.takeFailed()); err != nil && ctx.Err() == nil {
+		first := !holder && have.Count() > 0
+		holder = holder || first
+		if err := d.tr.have(ctx, have.Bytes(), d.takeFailed(), first); err != nil && ctx.Err() == nil {
 			d.s.log.Debug("announce pieces", zap.String("digest", d.req.Digest), zap.Error(err))
 		}
 	}

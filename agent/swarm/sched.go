@@ -32,6 +32,8 @@ type Sched struct {
 	holders  [][]*peerState        // per piece: usable (not banned) peers holding it, in the order they got it
 	inflight [][]peer.ID           // per piece: peers it is being fetched from
 	running  int
+	watching int   // peers watched now
+	watchAt  int   // list[watchAt:] were never watched
 	order    []int // a random permutation: ties in rarity break randomly
 	rng      *rand.Rand
 
@@ -55,7 +57,16 @@ type SchedConfig struct {
 	// StallTimeout is how long a download may see no progress of any kind
 	// before it is stalled.
 	StallTimeout time.Duration
+	// Watch is how many peers' bitmaps the download watches at once
+	// (0: DefaultWatch; negative: none).
+	Watch int
 }
+
+// DefaultWatch is how many peers a download watches by default: enough
+// that a new piece is heard of by a few dozen peers the moment it lands
+// (each peer accepts pieceserver.MaxWatchers watchers per blob), few
+// enough that the news costs each peer a few messages per piece.
+const DefaultWatch = 16
 
 type peerState struct {
 	id       peer.ID
@@ -65,6 +76,7 @@ type peerState struct {
 	failures int
 	banned   bool
 	cooldown time.Time
+	watched  bool
 }
 
 // Fetch is one decision: fetch piece Piece from peer From.
@@ -120,6 +132,9 @@ func NewSched(cfg SchedConfig, self peer.ID, size, pieceSize int64, rng *rand.Ra
 	}
 	if cfg.StallTimeout <= 0 {
 		cfg.StallTimeout = 15 * time.Second
+	}
+	if cfg.Watch == 0 {
+		cfg.Watch = DefaultWatch
 	}
 	return &Sched{
 		cfg: cfg, self: self, size: size, pieceSize: pieceSize, count: n,
@@ -219,6 +234,38 @@ func (s *Sched) ban(ps *peerState) {
 		}
 	}
 	ps.banned = true
+}
+
+// Watch picks a peer whose bitmap to watch, or false: while fewer than
+// Watch are watched, the earliest learned agent never watched before (not
+// the seed, whose pieces the tracker offers, and not a banned peer). The
+// tracker's answers come only every interval, which grows with the swarm;
+// watched peers tell of a new piece the moment it lands, so pieces spread
+// peer to peer at transfer speed whatever the swarm's size.
+func (s *Sched) Watch() (peer.ID, bool) {
+	if s.watching >= s.cfg.Watch {
+		return "", false
+	}
+	for s.watchAt < len(s.list) {
+		ps := s.list[s.watchAt]
+		s.watchAt++
+		if ps.seed || ps.banned {
+			continue
+		}
+		ps.watched = true
+		s.watching++
+		return ps.id, true
+	}
+	return "", false
+}
+
+// Unwatched records that the watch of peer id ended (it holds the whole
+// blob, refused, or went away); another peer may be watched instead.
+func (s *Sched) Unwatched(id peer.ID) {
+	if ps, ok := s.peers[id]; ok && ps.watched {
+		ps.watched = false
+		s.watching--
+	}
 }
 
 // SawData records that piece bytes arrived at t.

@@ -299,3 +299,44 @@ func TestSchedPeerHave(t *testing.T) {
 		t.Fatal("a malformed bitmap changed the holders")
 	}
 }
+
+func TestWatchPicksAgentsInOrderOnceEach(t *testing.T) {
+	now := time.Unix(100, 0)
+	s := NewSched(SchedConfig{Watch: 2}, testPeer(t, 0), 4*testPieceSize, testPieceSize, rand.New(rand.NewPCG(1, 2)), now)
+	seed, a, b, c := testPeer(t, 1), testPeer(t, 2), testPeer(t, 3), testPeer(t, 4)
+	resp := &swarmproto.TrackerResponse{Version: 1, Size: s.size, PieceSize: s.pieceSize, Peers: []swarmproto.PeerInfo{
+		{ID: seed.String(), Have: bitmap(4, 0).Bytes(), Seed: true},
+		{ID: a.String(), Have: bitmap(4, 1).Bytes()},
+		{ID: b.String(), Have: bitmap(4).Bytes()},
+		{ID: c.String(), Have: bitmap(4, 2).Bytes()},
+	}}
+	if _, err := s.Tracker(now, resp); err != nil {
+		t.Fatal(err)
+	}
+	var got []peer.ID
+	for {
+		id, ok := s.Watch()
+		if !ok {
+			break
+		}
+		got = append(got, id)
+	}
+	if !slices.Equal(got, []peer.ID{a, b}) {
+		t.Fatalf("watched %v, want the first two agents %v (never the seed, at most Watch)", got, []peer.ID{a, b})
+	}
+	s.Unwatched(a)
+	s.Unwatched(a) // a second end of the same watch frees nothing more
+	if id, ok := s.Watch(); !ok || id != c {
+		t.Fatalf("after one watch ended: %v %v, want %v", id, ok, c)
+	}
+	if id, ok := s.Watch(); ok {
+		t.Fatalf("watched %v past the bound", id)
+	}
+	// News from a watched peer is a fresh bitmap: its piece becomes a source.
+	s.PeerHave(b, bitmap(4, 3).Bytes())
+	have := bitmap(4, 0, 1, 2)
+	s.known = 4
+	if f, ok := s.Next(now, &have, -1); !ok || f.Piece != 3 || f.From != b {
+		t.Fatalf("next %+v %v, want piece 3 from the watched peer", f, ok)
+	}
+}

@@ -239,8 +239,13 @@ func (m *MemPartial) Piece(i int) []byte {
 // (wrapped) for those answers. onData hears of bytes as they arrive. have
 // is the peer's current bitmap of the blob when its answer carried one
 // (whatever the outcome), nil otherwise.
+//
+// Watch hands fn the peer's bitmap of a blob of count pieces, at once and
+// each time it grows, until the peer holds the whole blob (nil error), ctx
+// ends, or the peer will not or cannot (ErrBusy: too many watchers).
 type PieceFetcher interface {
 	Fetch(ctx context.Context, from peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, onData func(int)) (data, have []byte, err error)
+	Watch(ctx context.Context, from peer.ID, req swarmproto.WatchRequest, count int, fn func(have []byte)) error
 }
 
 // HostFetcher fetches pieces over libp2p.
@@ -254,6 +259,11 @@ var _ PieceFetcher = HostFetcher{}
 // Fetch implements PieceFetcher.
 func (h HostFetcher) Fetch(ctx context.Context, from peer.ID, req swarmproto.PieceRequest, length int64, c cid.Cid, buf []byte, onData func(int)) (data, have []byte, err error) {
 	return pieceserver.FetchHave(ctx, h.Host, from, req, length, c, buf, h.Download, onData)
+}
+
+// Watch implements PieceFetcher.
+func (h HostFetcher) Watch(ctx context.Context, from peer.ID, req swarmproto.WatchRequest, count int, fn func(have []byte)) error {
+	return pieceserver.Watch(ctx, h.Host, from, req, count, fn)
 }
 
 // MemFetcher fetches pieces from in-memory peers.
@@ -275,6 +285,34 @@ func (f *MemFetcher) Serve(id peer.ID, digest string, p *MemPartial) {
 		f.peers[id] = map[string]*MemPartial{}
 	}
 	f.peers[id][digest] = p
+}
+
+// Watch implements PieceFetcher: a peer's MemPartial watched as the
+// piece server watches its store (without its bounds on watchers).
+func (f *MemFetcher) Watch(ctx context.Context, from peer.ID, req swarmproto.WatchRequest, count int, fn func(have []byte)) error {
+	f.mu.Lock()
+	blobs, ok := f.peers[from]
+	p := blobs[req.Digest]
+	f.mu.Unlock()
+	switch {
+	case !ok:
+		return fmt.Errorf("open watch stream to %s: no such peer", from)
+	case p == nil || p.PieceSize() != req.PieceSize:
+		return fmt.Errorf("watch %s on %s: %w", req.Digest, from, pieceserver.ErrUnavailable)
+	}
+	for {
+		changed := p.Changed()
+		have := p.Have()
+		fn(have.Bytes())
+		if have.Complete() {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 // Fetch implements PieceFetcher.

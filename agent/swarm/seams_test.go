@@ -132,13 +132,14 @@ func TestPieceStoreConformance(t *testing.T) {
 }
 
 // fetcherCase is a fetcher and a peer that serves pieces 0 and 2 of blob
-// (piece 1 is missing).
+// (piece 1 is missing until fill writes it).
 type fetcherCase struct {
 	f       PieceFetcher
 	server  peer.ID
 	unknown peer.ID
 	digest  string
 	blob    []byte
+	fill    func()
 }
 
 func testBlob(t *testing.T) ([]byte, string) {
@@ -184,6 +185,51 @@ func testPieceFetcher(t *testing.T, c fetcherCase) {
 	_, _, err = c.f.Fetch(ctx, c.unknown, req(0), length, piece.CID(want), buf, nil)
 	if err == nil || errors.Is(err, pieceserver.ErrUnavailable) || errors.Is(err, pieceserver.ErrBusy) || errors.Is(err, pieceserver.ErrCorrupt) {
 		t.Fatalf("unknown peer: %v, want a plain failure", err)
+	}
+	testWatch(t, c)
+}
+
+// testWatch watches the server's bitmap: pieces 0 and 2 at once, then the
+// whole blob once fill writes piece 1, and the watch ends by itself.
+func testWatch(t *testing.T, c fetcherCase) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	wreq := swarmproto.WatchRequest{Digest: c.digest, PieceSize: seamPieceSize}
+	seen := make(chan []byte, 8)
+	ended := make(chan error, 1)
+	go func() { ended <- c.f.Watch(ctx, c.server, wreq, 3, func(have []byte) { seen <- have }) }()
+	checkHave(t, <-seen)
+	c.fill()
+	for {
+		select {
+		case have := <-seen:
+			b, err := piece.BitmapFromBytes(3, have)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !b.Has(0) || !b.Has(2) {
+				t.Fatalf("watched bitmap %08b lost a piece", have)
+			}
+			continue
+		case err := <-ended:
+			if err != nil {
+				t.Fatalf("watch of a blob that completed: %v, want nil", err)
+			}
+		}
+		break
+	}
+	if len(seen) > 0 {
+		b, _ := piece.BitmapFromBytes(3, <-seen)
+		if !b.Complete() {
+			t.Fatalf("last watched bitmap %v, want complete", b)
+		}
+	}
+	other := swarmproto.WatchRequest{Digest: "sha256:" + hex.EncodeToString(make([]byte, 32)), PieceSize: seamPieceSize}
+	if err := c.f.Watch(ctx, c.server, other, 3, func([]byte) { t.Error("news of a blob the peer lacks") }); !errors.Is(err, pieceserver.ErrUnavailable) {
+		t.Fatalf("watch of an unknown blob: %v, want ErrUnavailable", err)
+	}
+	if err := c.f.Watch(ctx, c.unknown, wreq, 3, func([]byte) { t.Error("news from an unknown peer") }); err == nil || errors.Is(err, pieceserver.ErrUnavailable) {
+		t.Fatalf("watch of an unknown peer: %v, want a plain failure", err)
 	}
 }
 
@@ -233,14 +279,17 @@ func TestPieceFetcherConformance(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { srv.Close() })
-		pieceserver.NewServer(st, nil, 4, zaptest.NewLogger(t)).Register(srv)
+		ps := pieceserver.NewServer(st, nil, 4, zaptest.NewLogger(t))
+		ps.Register(srv)
+		ps.RegisterWatch(srv)
 		client, err := p2p.NewHost(p2p.Config{SwarmKeyFile: keyPath}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { client.Close() })
 		client.Peerstore().AddAddrs(srv.ID(), srv.Addrs(), time.Hour)
-		testPieceFetcher(t, fetcherCase{f: HostFetcher{Host: client}, server: srv.ID(), unknown: testPeer(t, 99), digest: digest, blob: blob})
+		testPieceFetcher(t, fetcherCase{f: HostFetcher{Host: client}, server: srv.ID(), unknown: testPeer(t, 99), digest: digest, blob: blob,
+			fill: func() { writePiece(t, p, blob, 1) }})
 	})
 	t.Run("MemFetcher", func(t *testing.T) {
 		blob, digest := testBlob(t)
@@ -253,6 +302,16 @@ func TestPieceFetcherConformance(t *testing.T) {
 		}
 		f := NewMemFetcher()
 		f.Serve(testPeer(t, 1), digest, p)
-		testPieceFetcher(t, fetcherCase{f: f, server: testPeer(t, 1), unknown: testPeer(t, 99), digest: digest, blob: blob})
+		testPieceFetcher(t, fetcherCase{f: f, server: testPeer(t, 1), unknown: testPeer(t, 99), digest: digest, blob: blob,
+			fill: func() { writePiece(t, p, blob, 1) }})
 	})
+}
+
+// writePiece writes piece i of blob into p.
+func writePiece(t *testing.T, p PieceStore, blob []byte, i int) {
+	t.Helper()
+	off, length := piece.Bounds(i, int64(len(blob)), seamPieceSize)
+	if err := p.WritePiece(i, blob[off:off+length]); err != nil {
+		t.Fatal(err)
+	}
 }

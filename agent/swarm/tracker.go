@@ -235,9 +235,18 @@ func (t *trackerClient) poll(ctx context.Context, known int, have []byte, starve
 	return resp, nil
 }
 
-// have reports our bitmap once the tracker's interval has passed.
-func (t *trackerClient) have(ctx context.Context, have []byte, failed []swarmproto.Failure) error {
-	_, err := t.paced(ctx, swarmproto.TrackerRequest{Op: swarmproto.OpHave, Addrs: p2p.AnnounceAddrs(t.host), Have: have, Want: -1, Failed: failed})
+// have reports our bitmap once the tracker's interval has passed, or at
+// once when first is set: the first piece makes us a holder the tracker
+// can send others to, and that news is worth most early in a storm (it
+// is one request per agent and blob, so the tracker's load stays bounded).
+func (t *trackerClient) have(ctx context.Context, have []byte, failed []swarmproto.Failure, first bool) error {
+	r := swarmproto.TrackerRequest{Op: swarmproto.OpHave, Addrs: p2p.AnnounceAddrs(t.host), Have: have, Want: -1, Failed: failed}
+	var err error
+	if first {
+		_, err = t.call(ctx, r)
+	} else {
+		_, err = t.paced(ctx, r)
+	}
 	return err
 }
 

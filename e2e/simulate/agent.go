@@ -4,8 +4,11 @@ import (
 	"math/rand/v2"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/peer"
+
 	"github.com/starling-oci/starling/agent/swarm"
 	"github.com/starling-oci/starling/pkg/piece"
+	"github.com/starling-oci/starling/pkg/pieceserver"
 	"github.com/starling-oci/starling/pkg/swarmproto"
 )
 
@@ -106,6 +109,7 @@ func (a *agent) leave() {
 	for _, p := range a.pulls {
 		if p != nil {
 			p.stop()
+			p.lost()
 		}
 	}
 	a.s.abortAll(a.n.up)
@@ -140,12 +144,115 @@ type pull struct {
 	next       int64
 	lastPoll   int64
 	announcing bool
+	holder     bool // announced a piece
 	signalled  bool
 	starved    bool
 	asking     bool // a permit request is out
 	permit     bool // holds a back-to-source permit
 
 	reqs []*pieceReq // in flight
+
+	// The watch protocol, served: the pulls watching this one's bitmap,
+	// and the coalescing of its messages.
+	watchers []*pull
+	telling  bool
+	told     int64
+}
+
+// watchEvery is the piece server's coalescing of watch messages.
+const watchEvery = int64(50 * time.Millisecond)
+
+// watch starts the watches the policy picks: as pkg/pieceserver's watch
+// protocol, the watched peer answers with its bitmap, then sends it again
+// each time it grows, coalesced, until it holds the whole blob.
+func (p *pull) watch() {
+	s := p.a.s
+	for {
+		id, ok := p.sched.Watch()
+		if !ok {
+			return
+		}
+		var q *pull
+		if n := s.byID[id]; n != nil && n.agent != nil {
+			q = n.agent.pulls[p.b.idx]
+		}
+		gen := p.gen
+		s.after(s.latency(), func() {
+			switch {
+			case q == nil || q.a.n.dead || q.sched == nil || q.state == fallingBack:
+				s.after(s.latency(), func() { p.unwatched(gen, id) })
+			case len(q.watchers) >= pieceserver.MaxWatchers:
+				s.watches.Refused++
+				s.after(s.latency(), func() { p.unwatched(gen, id) })
+			default:
+				s.watches.Started++
+				q.watchers = append(q.watchers, p)
+				q.send(p)
+			}
+		})
+	}
+}
+
+func (p *pull) unwatched(gen int, id peer.ID) {
+	if p.gen == gen && p.sched != nil {
+		p.sched.Unwatched(id)
+		p.wake()
+	}
+}
+
+// send is one watch message from p to watcher w: p's bitmap.
+func (p *pull) send(w *pull) {
+	s := p.a.s
+	have := p.store.Have()
+	b, gen := have.Bytes(), w.gen
+	s.after(s.latency(), func() {
+		if w.gen != gen || !w.alive() || w.state != running {
+			return
+		}
+		s.watches.News++
+		w.sched.PeerHave(p.a.n.id, b)
+		if have.Complete() {
+			w.sched.Unwatched(p.a.n.id)
+		}
+		w.wake()
+	})
+}
+
+// tell sends p's bitmap to its watchers, at most every watchEvery.
+func (p *pull) tell() {
+	if p.telling {
+		return
+	}
+	p.telling = true
+	s := p.a.s
+	s.after(max(0, p.told+watchEvery-s.now), func() {
+		p.telling = false
+		p.told = s.now
+		if p.a.n.dead {
+			return
+		}
+		live := p.watchers[:0]
+		for _, w := range p.watchers {
+			if w.alive() && w.state == running {
+				p.send(w)
+				live = append(live, w)
+			}
+		}
+		p.watchers = live
+		if p.store.Have().Complete() {
+			p.watchers = nil // the watches end with the whole blob
+		}
+	})
+}
+
+// lost ends the watches of p's watchers: p's node is gone.
+func (p *pull) lost() {
+	s := p.a.s
+	for _, w := range p.watchers {
+		gen, id := w.gen, p.a.n.id
+		s.after(s.latency(), func() { w.unwatched(gen, id) })
+	}
+	p.watchers = nil
 }
 
 // minInterval is the least time between paced tracker requests, whatever
@@ -219,7 +326,10 @@ func (p *pull) begin(first *swarmproto.TrackerResponse) {
 	s := p.a.s
 	p.state = running
 	p.store = swarm.NewMemPartial(first.Size, first.PieceSize, false, true)
-	cfg := swarm.SchedConfig{MaxInflight: s.cfg.MaxInflight, PerPeer: s.cfg.PerPeer, StallTimeout: s.cfg.StallTimeout}
+	cfg := swarm.SchedConfig{MaxInflight: s.cfg.MaxInflight, PerPeer: s.cfg.PerPeer, StallTimeout: s.cfg.StallTimeout, Watch: s.cfg.Watch}
+	if cfg.Watch == 0 {
+		cfg.Watch = -1 // none (the Sched's 0 is its default)
+	}
 	p.sched = swarm.NewSched(cfg, p.a.n.id, first.Size, first.PieceSize, p.rng, s.vnow())
 	if _, err := p.sched.Tracker(s.vnow(), first); err != nil {
 		p.fallBack()
@@ -271,14 +381,23 @@ func (p *pull) announce() {
 	p.announcing = true
 	s := p.a.s
 	gen := p.gen
-	s.after(max(0, p.next-s.now), func() {
+	// The first piece is announced at once (trackerClient.have).
+	wait := max(0, p.next-s.now)
+	first := !p.holder
+	if first {
+		wait = 0
+		p.holder = true
+	}
+	s.after(wait, func() {
 		if p.gen != gen || !p.alive() {
 			return
 		}
 		have := p.store.Have()
 		req := &swarmproto.TrackerRequest{Op: swarmproto.OpHave, Digest: p.b.digest, Addrs: p.a.n.addrs, Have: have.Bytes(), Want: -1, Failed: p.failures()}
 		p.b.owner.request(p.a, req, func(resp *swarmproto.TrackerResponse) {
-			p.next = s.now + p.interval(resp)
+			if !first {
+				p.next = s.now + p.interval(resp) // an unpaced request leaves the pace alone
+			}
 			p.announcing = false
 			if p.signalled && p.gen == gen {
 				p.signalled = false
@@ -349,6 +468,7 @@ func (p *pull) wake() {
 		p.sched.Start(f)
 		s.requestPiece(p, f)
 	}
+	p.watch()
 	p.starved = p.sched.Starved(now)
 }
 
@@ -382,6 +502,7 @@ func (p *pull) result(r *pieceReq, out swarm.Outcome, have []byte) {
 	}
 	if out == swarm.Got {
 		p.announce()
+		p.tell()
 	}
 	p.wake()
 }

@@ -28,6 +28,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/starling-oci/starling/agent/swarm"
 	"github.com/starling-oci/starling/e2e/internal/chart"
 	"github.com/starling-oci/starling/pkg/config"
 )
@@ -66,6 +67,13 @@ func (f byteFlag) Set(s string) error {
 	return nil
 }
 
+// WatchCounts counts the watch protocol's traffic.
+type WatchCounts struct {
+	Started int64 `json:"started"`
+	Refused int64 `json:"refused"`
+	News    int64 `json:"news"`
+}
+
 // Result is the -json output.
 type Result struct {
 	Nodes               int         `json:"nodes"`
@@ -95,6 +103,9 @@ type Result struct {
 	// Fetches counts piece fetch outcomes: got, dup, corrupt, busy,
 	// unavailable, failed.
 	Fetches [6]int64 `json:"fetches"`
+	// Watches counts watch messages delivered (bitmaps pushed by watched
+	// peers) and watches refused (the peer had MaxWatchers).
+	Watches WatchCounts `json:"watches"`
 	// Timeline is the swarm sampled every 250 ms of virtual time (-timeline).
 	Timeline []Sample `json:"timeline,omitempty"`
 	Events   uint64   `json:"events"`
@@ -157,6 +168,7 @@ func mainErr(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.DurationVar(&cfg.StallTimeout, "stall-timeout", cfg.StallTimeout, "agent: stall timeout")
 	fs.BoolVar(&cfg.Prefetch, "prefetch", true, "agent: start every layer's fill when the manifest is pulled (the agent's default); false: when the client asks for the blob")
 	fs.BoolVar(&cfg.HaveInAnswers, "have-in-answers", true, "piece answers carry the server's bitmap (as pkg/pieceserver's do; false to see what that is worth)")
+	fs.IntVar(&cfg.Watch, "watch", swarm.DefaultWatch, "agent: peers whose bitmaps each download watches over /starling/watch/1 (0: none, to see what that is worth)")
 	fs.Float64Var(&cfg.TrackerBlobRate, "tracker-blob-rate", 0, "tracker: requests per second per blob its interval aims at (0: its default)")
 	fs.Float64Var(&cfg.TrackerTotalRate, "tracker-total-rate", 0, "tracker: requests per second overall its interval aims at (0: its default)")
 	fs.IntVar(&cfg.HostCores, "host-cores", 0, "model every node on one machine with this many cores (the loopback pull storm); 0 = separate machines")
@@ -261,6 +273,7 @@ func simulate(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	res.SeedEgressRatio = seed / float64(cfg.Size)
 	res.Fetches = s.outcomes
+	res.Watches = s.watches
 	res.Timeline = s.timeline
 	res.RegistryRequests, res.Manifests = s.mf.result()
 	for _, b := range s.blobs {
@@ -285,6 +298,7 @@ func printSummary(w io.Writer, r *Result) {
 	fmt.Fprintf(w, "seed fetches (start, end in s): %v\n", r.Seeds)
 	fmt.Fprintf(w, "piece fetches: got %d, dup %d, corrupt %d, busy %d, unavailable %d, failed %d\n",
 		r.Fetches[0], r.Fetches[1], r.Fetches[2], r.Fetches[3], r.Fetches[4], r.Fetches[5])
+	fmt.Fprintf(w, "watches: %d started, %d refused, %d bitmaps pushed\n", r.Watches.Started, r.Watches.Refused, r.Watches.News)
 	printManifests(w, r.RegistryRequests, r.Manifests)
 	fmt.Fprintf(w, "%d events in %.1f s of wall time\n", r.Events, r.WallS)
 }

@@ -50,6 +50,8 @@ type Config struct {
 	Prefetch bool
 	// HaveInAnswers: piece answers carry the server's current bitmap.
 	HaveInAnswers bool
+	// Watch is how many peers each download watches (0: none).
+	Watch int
 	// TrackerBlobRate and TrackerTotalRate override the tracker's request
 	// rate targets (0: its defaults).
 	TrackerBlobRate, TrackerTotalRate float64
@@ -115,6 +117,7 @@ type sim struct {
 	moved   []*flow
 
 	outcomes        [swarm.Failed + 1]int64
+	watches         WatchCounts
 	timeline        []Sample
 	trackerRequests int64
 	trackerCPU      time.Duration
@@ -146,6 +149,7 @@ type node struct {
 	dead     bool
 	has      func(b *blob, i int) bool
 	bitmap   func(b *blob) []byte // nil for supernodes
+	agent    *agent               // nil for supernodes
 }
 
 func newID(rng *rand.Rand) (peer.ID, error) {
@@ -220,7 +224,7 @@ func newSim(cfg Config) (*sim, error) {
 		n := &node{idx: k, id: id, ip: ip, addrs: []string{fmt.Sprintf("/ip4/%s/tcp/4001", ip)},
 			up: newPort(bw), down: newPort(bw), slots: cfg.AgentUploads}
 		a := &agent{s: s, n: n, bufs: cfg.MaxInflight, pulls: make([]*pull, len(s.blobs)), done: -1}
-		n.has, n.bitmap = a.has, a.bitmap
+		n.has, n.bitmap, n.agent = a.has, a.bitmap, a
 		s.agents = append(s.agents, a)
 		s.byID[id] = n
 	}

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/starling-oci/starling/agent/swarm"
 )
 
 // smallStorm is a storm small enough to simulate in-process under -race.
@@ -21,7 +23,7 @@ func smallStorm() Config {
 		AgentBW: 10 << 20, SeedBW: 20 << 20, RegistryBW: 10 << 20, Latency: time.Millisecond,
 		Supernodes: 1, Cores: 1, TrackerCost: 20 * time.Microsecond, Seed: 7,
 		MaxInflight: 8, PerPeer: 2, AgentUploads: 4, SeedUploads: 8, StallTimeout: 15 * time.Second,
-		ClientBlobs: 3, Prefetch: true, HaveInAnswers: true, Limit: 10 * time.Minute,
+		ClientBlobs: 3, Prefetch: true, HaveInAnswers: true, Watch: swarm.DefaultWatch, Limit: 10 * time.Minute,
 	}
 }
 
@@ -68,6 +70,37 @@ func TestChurnEveryRemainingAgentCompletes(t *testing.T) {
 	}
 	if r.Fallbacks != 0 || r.UpstreamEgressRatio > 1.01 {
 		t.Fatalf("fallbacks %d, upstream egress %.3f: churn sent agents to the registry", r.Fallbacks, r.UpstreamEgressRatio)
+	}
+}
+
+// Watched peers push their bitmaps as pieces land: the swarm's news does
+// not wait for tracker polls. With no watches asked for there is no watch
+// traffic.
+func TestWatchesCarryNews(t *testing.T) {
+	cfg := smallStorm()
+	r, err := simulate(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Completed != cfg.Nodes {
+		t.Fatalf("%d of %d completed", r.Completed, cfg.Nodes)
+	}
+	// Each download watches up to DefaultWatch peers.
+	downloads := int64(cfg.Nodes * cfg.Layers)
+	if r.Watches.Started < downloads {
+		t.Fatalf("%d watches started for %d downloads", r.Watches.Started, downloads)
+	}
+	// News comes as pieces land: more bitmaps than watches.
+	if r.Watches.News <= r.Watches.Started {
+		t.Fatalf("%d watch messages for %d watches", r.Watches.News, r.Watches.Started)
+	}
+	cfg.Watch = 0
+	r, err = simulate(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Completed != cfg.Nodes || r.Watches != (WatchCounts{}) {
+		t.Fatalf("no watches: completed %d of %d, watch traffic %+v", r.Completed, cfg.Nodes, r.Watches)
 	}
 }
 
@@ -192,7 +225,7 @@ func TestRealityCheck(t *testing.T) {
 		Nodes: r.Nodes, Size: 32 << 20, Layers: 4, PieceSize: 1 << 20,
 		AgentBW: 4 << 20, SeedBW: 4 << 20, RegistryBW: 20 << 20, Latency: 100 * time.Microsecond,
 		Supernodes: 1, Cores: 1, Seed: 1, MaxInflight: 8, PerPeer: 2, AgentUploads: 4, SeedUploads: 8,
-		StallTimeout: 15 * time.Second, ClientBlobs: 3, Prefetch: true, HaveInAnswers: true, Limit: 10 * time.Minute,
+		StallTimeout: 15 * time.Second, ClientBlobs: 3, Prefetch: true, HaveInAnswers: true, Watch: swarm.DefaultWatch, Limit: 10 * time.Minute,
 	}
 	busy := (r.StarlingCPU + r.ClientsCPU) / (r.CompletionS.Max * float64(runtime.NumCPU()))
 	if busy > 0.8 {

@@ -51,6 +51,7 @@ type Server struct {
 	slots  chan []byte // an upload slot is its copy buffer (nil until first used)
 	// waiting counts requests waiting for a slot (Admit bounds them).
 	waiting atomic.Int64
+	watches watchers
 	log     *zap.Logger
 	served  atomic.Int64
 	// writeIdle is how long one write to a peer may block: a peer that
@@ -78,8 +79,14 @@ func NewServer(st *store.Store, upload *ratelimit.Limiter, maxUploads int, log *
 	return &Server{store: st, upload: upload, slots: slots, log: log, writeIdle: defaultWriteIdle}
 }
 
-// Register installs the protocol handler on h.
+// Register installs the piece protocol's handler on h.
 func (s *Server) Register(h host.Host) { h.SetStreamHandler(swarmproto.PieceProtocol, s.handle) }
+
+// RegisterWatch installs the watch protocol's handler on h (agents: their
+// neighbours watch their bitmaps; a seed's pieces are the tracker's to offer).
+func (s *Server) RegisterWatch(h host.Host) {
+	h.SetStreamHandler(swarmproto.WatchProtocol, s.handleWatch)
+}
 
 // BytesServed returns the piece bytes uploaded so far.
 func (s *Server) BytesServed() int64 { return s.served.Load() }

@@ -81,6 +81,7 @@ func serveBlob(tb testing.TB, n int, maxUploads int, pnet bool) (srv peer.AddrIn
 	tb.Cleanup(func() { h.Close() })
 	server = NewServer(st, nil, maxUploads, zaptest.NewLogger(tb))
 	server.Register(h)
+	server.RegisterWatch(h)
 	return peer.AddrInfo{ID: h.ID(), Addrs: h.Addrs()}, server, keyPath, blob, digest
 }
 

@@ -63,6 +63,10 @@ func TestOutsiderGetsNoPiece(t *testing.T) {
 			if n := server.BytesServed(); n != 0 {
 				t.Fatalf("server sent %d piece bytes to an outsider", n)
 			}
+			wreq := swarmproto.WatchRequest{Digest: digest, PieceSize: pieceSize}
+			if err := Watch(ctx, outsider, srv.ID, wreq, 1, func([]byte) { t.Error("an outsider got a bitmap") }); err == nil {
+				t.Fatal("an outsider watched a blob")
+			}
 		})
 	}
 }

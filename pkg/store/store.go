@@ -510,6 +510,14 @@ func (s *Store) PieceReader(digest string, i int, pieceSize int64) (io.ReadClose
 // serve to peers, as piece.Bitmap bytes, or false when it holds none of
 // it in that geometry.
 func (s *Store) HaveBitmap(digest string, pieceSize int64) ([]byte, bool) {
+	have, _, ok := s.HaveWatch(digest, pieceSize)
+	return have, ok
+}
+
+// HaveWatch is HaveBitmap with a channel closed at the blob's next state
+// change while it fills (nil once every piece is here: the bitmap will not
+// change again).
+func (s *Store) HaveWatch(digest string, pieceSize int64) ([]byte, <-chan struct{}, bool) {
 	s.mu.Lock()
 	p, live := s.partials[digest]
 	if live {
@@ -521,18 +529,18 @@ func (s *Store) HaveBitmap(digest string, pieceSize int64) ([]byte, bool) {
 		p.lock()
 		defer p.unlock()
 		if p.pieceSize != pieceSize {
-			return nil, false
+			return nil, nil, false
 		}
-		if !p.done {
-			return p.have.Bytes(), true
+		if !p.done && !p.have.Complete() {
+			return p.have.Bytes(), p.changed, true
 		}
-		return allPieces(p.size, pieceSize), true
+		return allPieces(p.size, pieceSize), nil, true
 	}
 	m, err := s.getMeta(digest)
 	if err != nil || !m.Complete {
-		return nil, false
+		return nil, nil, false
 	}
-	return allPieces(m.Size, pieceSize), true
+	return allPieces(m.Size, pieceSize), nil, true
 }
 
 func allPieces(size, pieceSize int64) []byte {

@@ -1,13 +1,16 @@
 // Package swarmproto defines the messages agents and supernodes exchange
 // over libp2p, and checks every field that arrives from the network.
 //
-// Two protocols, one request and one response per stream:
+// Three protocols:
 //   - /starling/tracker/2: poll (join a blob's swarm, learn its pieces and
 //     peers), have (report progress), withdraw (no longer hold a blob),
 //     permit and release (bounded back-to-source). Every answer comes at
 //     once and says when to ask again (interval_ms).
 //   - /starling/piece/1: PieceRequest, answered by a PieceHeader followed by
 //     exactly Size raw bytes.
+//   - /starling/watch/1: WatchRequest, answered by a stream of WatchNews:
+//     a peer's bitmap of a blob each time it grows, so its neighbours learn
+//     of new pieces at once rather than at their next tracker poll.
 package swarmproto
 
 import (
@@ -26,6 +29,7 @@ import (
 const (
 	TrackerProtocol protocol.ID = "/starling/tracker/2"
 	PieceProtocol   protocol.ID = "/starling/piece/1"
+	WatchProtocol   protocol.ID = "/starling/watch/1"
 )
 
 // Size caps for framed messages.
@@ -253,6 +257,32 @@ func (r *PieceRequest) Validate() error {
 		return fmt.Errorf("bad piece size %d", r.PieceSize)
 	}
 	return nil
+}
+
+// WatchRequest asks a peer to stream its bitmap of one blob as it grows:
+// the peer answers with WatchNews messages, one per change (coalesced),
+// until it holds the whole blob.
+type WatchRequest struct {
+	Digest    string `json:"digest"`
+	PieceSize int64  `json:"piece_size"`
+}
+
+// Validate checks a request read from the network.
+func (r *WatchRequest) Validate() error {
+	if !sha256Digest.MatchString(r.Digest) {
+		return fmt.Errorf("bad digest %q", r.Digest)
+	}
+	if r.PieceSize < piece.MinSize || r.PieceSize > piece.MaxSize {
+		return fmt.Errorf("bad piece size %d", r.PieceSize)
+	}
+	return nil
+}
+
+// WatchNews is one message of a watch: the peer's current bitmap, or why
+// it will not send any (busy: too many watchers; not available).
+type WatchNews struct {
+	Have  []byte `json:"have,omitempty"`
+	Error string `json:"error,omitempty"`
 }
 
 // PieceHeader precedes a piece's bytes; Size is 0 and Error set when the

@@ -139,6 +139,7 @@ type State struct {
 
 	version  atomic.Uint64 // one counter for all blobs: a recreated swarm never goes back
 	members  atomic.Int64  // memberships over all blobs, for the interval
+	complete atomic.Int64  // of which hold the whole blob
 	pressure atomic.Int64  // requests being answered at once, from the driver
 
 	mu    sync.Mutex // guards blobs, rng and swept; taken before a swarm's mu
@@ -176,6 +177,7 @@ type swarm struct {
 	seeding   bool // a seed fetch was asked for and has not reported back
 
 	members  []*member // members, for sampling
+	complete int       // members holding every piece
 	index    map[peer.ID]*member
 	byStr    map[string]*member // by encoded ID, for failure reports
 	holders  []*member          // members holding at least one piece
@@ -598,9 +600,18 @@ func (st *State) setBits(s *swarm, m *member, have []byte) bool {
 	if have != nil {
 		m.have = append([]byte(nil), have...)
 	}
+	wasComplete := s.n > 0 && m.count == s.n
 	m.count = 0
 	for _, x := range m.have {
 		m.count += bits.OnesCount8(x)
+	}
+	if isComplete := s.n > 0 && m.count == s.n; isComplete != wasComplete {
+		d := 1
+		if wasComplete {
+			d = -1
+		}
+		s.complete += d
+		st.complete.Add(int64(d))
 	}
 	switch {
 	case m.count > 0 && m.hpos < 0:
@@ -652,8 +663,12 @@ func (st *State) interval(s *swarm, m *member) time.Duration {
 	if m != nil && len(m.offers) > 0 {
 		return min(time.Duration(stretch*float64(st.cfg.MinInterval)), st.cfg.MaxInterval)
 	}
-	d := time.Duration(float64(len(s.members)) / st.cfg.BlobRate * float64(time.Second))
-	d = max(d, time.Duration(float64(st.members.Load())/st.cfg.TotalRate*float64(time.Second)))
+	// Members holding the whole blob send no more requests for it: only
+	// the others share the rates, so the last downloads of a storm hear
+	// of new holders sooner.
+	asking := len(s.members) - s.complete
+	d := time.Duration(float64(asking) / st.cfg.BlobRate * float64(time.Second))
+	d = max(d, time.Duration(float64(st.members.Load()-st.complete.Load())/st.cfg.TotalRate*float64(time.Second)))
 	d = min(time.Duration(stretch*float64(max(d, st.cfg.MinInterval))), st.cfg.MaxInterval)
 	// +-10% jitter so a storm's agents do not come back in lockstep.
 	return d + time.Duration((s.rng.Float64()-0.5)*0.2*float64(d))
@@ -893,6 +908,8 @@ func (st *State) setGeometry(s *swarm, size, pieceSize int64) {
 	for _, m := range s.members {
 		m.have, m.count, m.offers, m.hpos = nil, 0, nil, -1
 	}
+	st.complete.Add(-int64(s.complete))
+	s.complete = 0
 	s.holders, s.permits = nil, nil
 	s.size, s.pieceSize, s.pieces, s.seedHave, s.seedCount = size, pieceSize, nil, nil, 0
 	s.n = 0

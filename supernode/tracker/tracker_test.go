@@ -511,3 +511,33 @@ func TestIntervalStretchesUnderPressure(t *testing.T) {
 		t.Fatalf("interval %v with 80 requests in hand, want ~1s", d)
 	}
 }
+
+func TestIntervalCountsOnlyMembersStillDownloading(t *testing.T) {
+	st := newState(Config{BlobRate: 2000, TotalRate: 1e9, MinInterval: 100 * time.Millisecond, MaxInterval: 10 * time.Second})
+	sized(t, st) // 4 pieces
+	all := bitmap(4, 0, 1, 2, 3)
+	iv := func(have []byte) time.Duration {
+		return time.Duration(st.Handle(t0, asker("p0"), haveReq(have)).Resp.Interval) * time.Millisecond
+	}
+	for k := range 4000 {
+		st.Handle(t0, asker(fmt.Sprint("p", k)), haveReq(nil))
+	}
+	if d := iv(nil); d < 1800*time.Millisecond || d > 2200*time.Millisecond {
+		t.Fatalf("interval %v with 4,000 downloading, want ~2s", d)
+	}
+	// Three quarters finish: they ask no more, so the rest may ask sooner.
+	for k := 1000; k < 4000; k++ {
+		st.Handle(t0, asker(fmt.Sprint("p", k)), haveReq(all))
+	}
+	if d := iv(nil); d < 450*time.Millisecond || d > 550*time.Millisecond {
+		t.Fatalf("interval %v with 1,000 of 4,000 downloading, want ~500ms", d)
+	}
+	// One that was complete is not any more (a geometry restart, or an
+	// announce with less): it counts again.
+	for k := 1000; k < 2000; k++ {
+		st.Handle(t0, asker(fmt.Sprint("p", k)), haveReq(bitmap(4, 0)))
+	}
+	if d := iv(nil); d < 900*time.Millisecond || d > 1100*time.Millisecond {
+		t.Fatalf("interval %v with 2,000 of 4,000 downloading, want ~1s", d)
+	}
+}
