@@ -3,6 +3,8 @@ package swarm
 import (
 	"errors"
 	"math/rand/v2"
+	"os"
+	"strconv"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -28,12 +30,11 @@ type Sched struct {
 
 	peers    map[peer.ID]*peerState
 	byStr    map[string]*peerState // by encoded ID, so known peers are not decoded again
-	list     []*peerState          // peers in the order they were learned
+	fresh    []*peerState          // peers never watched (a watch picks one at random)
 	holders  [][]*peerState        // per piece: usable (not banned) peers holding it, in the order they got it
 	inflight [][]peer.ID           // per piece: peers it is being fetched from
 	running  int
 	watching int   // peers watched now
-	watchAt  int   // list[watchAt:] were never watched
 	order    []int // a random permutation: ties in rarity break randomly
 	rng      *rand.Rand
 
@@ -182,7 +183,7 @@ func (s *Sched) Tracker(now time.Time, resp *swarmproto.TrackerResponse) ([]Peer
 			if ps, ok = s.peers[id]; !ok {
 				ps = &peerState{id: id, have: piece.NewBitmap(s.count)}
 				s.peers[id] = ps
-				s.list = append(s.list, ps)
+				s.fresh = append(s.fresh, ps)
 				fresh = append(fresh, Peer{ID: id, Addrs: info.Addrs})
 			}
 			s.byStr[info.ID] = ps
@@ -237,8 +238,10 @@ func (s *Sched) ban(ps *peerState) {
 }
 
 // Watch picks a peer whose bitmap to watch, or false: while fewer than
-// Watch are watched, the earliest learned agent never watched before (not
-// the seed, whose pieces the tracker offers, and not a banned peer). The
+// Watch are watched, an agent never watched before, at random (not the
+// seed, whose pieces the tracker offers, and not a banned peer). At random,
+// not in the order learned: the tracker hands the first holders to
+// everyone, and each peer takes only so many watchers. The
 // tracker's answers come only every interval, which grows with the swarm;
 // watched peers tell of a new piece the moment it lands, so pieces spread
 // peer to peer at transfer speed whatever the swarm's size.
@@ -246,9 +249,12 @@ func (s *Sched) Watch() (peer.ID, bool) {
 	if s.watching >= s.cfg.Watch {
 		return "", false
 	}
-	for s.watchAt < len(s.list) {
-		ps := s.list[s.watchAt]
-		s.watchAt++
+	for len(s.fresh) > 0 {
+		k := s.rng.IntN(len(s.fresh))
+		ps := s.fresh[k]
+		last := len(s.fresh) - 1
+		s.fresh[k], s.fresh[last] = s.fresh[last], nil
+		s.fresh = s.fresh[:last]
 		if ps.seed || ps.banned {
 			continue
 		}
@@ -319,7 +325,7 @@ func (s *Sched) Next(now time.Time, have *piece.Bitmap, waiting int) (Fetch, boo
 		if rarity > 0 {
 			s.sourced = true
 		}
-		if rarity == 0 || (best >= 0 && rarity >= bestRarity) {
+		if rarity == 0 || (best >= 0 && rarity >= bestRarity && !(expBand && rarity == bestRarity && s.rng.IntN(2) == 0)) {
 			continue
 		}
 		if from, ok := s.peerFor(i, now, nil); ok {
@@ -421,7 +427,7 @@ func (s *Sched) Done(now time.Time, f Fetch, out Outcome) {
 		s.ban(ps)
 		s.report(ps, Failure{Peer: f.From, Piece: f.Piece, Corrupt: true})
 	case Busy:
-		ps.cooldown = now.Add(1000 * time.Millisecond)
+		ps.cooldown = now.Add(expBusy())
 	case Unavailable:
 		// A claimed piece that is not there is a stale announcement (or a
 		// lie): forget the claim, tell the tracker, and count it against
@@ -534,3 +540,13 @@ func remove(ids []peer.ID, id peer.ID) []peer.ID {
 	}
 	return ids
 }
+
+func expBusy() time.Duration {
+	if v := os.Getenv("EXP_BUSY_MS"); v != "" {
+		n, _ := strconv.Atoi(v)
+		return time.Duration(n) * time.Millisecond
+	}
+	return time.Second
+}
+
+var expBand = os.Getenv("EXP_BAND") != ""

@@ -68,6 +68,15 @@ type port struct {
 	level float64
 }
 
+// sent is the bytes that have left through up port p so far.
+func (s *sim) sent(p *port) float64 {
+	n := p.moved
+	for _, f := range p.flows {
+		n += f.size - f.left + f.rate*float64(s.now-f.last)/1e9
+	}
+	return n
+}
+
 // unlimited stands for a link without a cap.
 const unlimited = 1e18
 

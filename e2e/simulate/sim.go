@@ -146,6 +146,7 @@ type node struct {
 	slots    int
 	busy     int
 	queue    []*pieceReq
+	meter    pieceserver.Meter // the piece server's (no --upload-rate: it learns the link's peak)
 	dead     bool
 	has      func(b *blob, i int) bool
 	bitmap   func(b *blob) []byte // nil for supernodes
@@ -355,8 +356,12 @@ func (s *sim) arrive(r *pieceReq) {
 		s.reply(r, swarm.Failed) // connection refused
 		return
 	}
-	switch pieceserver.Admit(n.slots, n.busy, s.queued(n)) {
+	underused := n.busy >= n.slots && n.meter.Underused(s.vnow(), int64(s.sent(n.up)))
+	switch pieceserver.Admit(n.slots, n.busy, s.queued(n), underused) {
 	case pieceserver.Serve:
+		if n.busy >= n.slots {
+			n.meter.Took()
+		}
 		s.serve(r)
 		return
 	case pieceserver.Refuse:

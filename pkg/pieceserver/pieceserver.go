@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -49,8 +50,13 @@ type Server struct {
 	store  *store.Store
 	upload *ratelimit.Limiter
 	slots  chan []byte // an upload slot is its copy buffer (nil until first used)
+	// extra are the slots past maxUploads an underused upload may take
+	// (Admit); each is a copy buffer too.
+	extra chan []byte
 	// waiting counts requests waiting for a slot (Admit bounds them).
 	waiting atomic.Int64
+	meterMu sync.Mutex
+	meter   Meter
 	watches watchers
 	log     *zap.Logger
 	served  atomic.Int64
@@ -73,10 +79,15 @@ func NewServer(st *store.Store, upload *ratelimit.Limiter, maxUploads int, log *
 		maxUploads = 8
 	}
 	slots := make(chan []byte, maxUploads)
+	extra := make(chan []byte, (elastic-1)*maxUploads)
 	for range maxUploads {
 		slots <- nil
 	}
-	return &Server{store: st, upload: upload, slots: slots, log: log, writeIdle: defaultWriteIdle}
+	for range cap(extra) {
+		extra <- nil
+	}
+	return &Server{store: st, upload: upload, slots: slots, extra: extra, log: log, writeIdle: defaultWriteIdle,
+		meter: Meter{Cap: upload.Rate()}}
 }
 
 // Register installs the piece protocol's handler on h.
@@ -104,7 +115,7 @@ func (s *Server) handle(st network.Stream) {
 		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: err.Error()})
 		return
 	}
-	buf, ok := s.slot()
+	buf, pool, ok := s.slot()
 	if !ok {
 		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: busyMsg, Have: s.have(&req)})
 		return
@@ -112,7 +123,7 @@ func (s *Server) handle(st network.Stream) {
 	if buf == nil {
 		buf = make([]byte, copyBuf)
 	}
-	defer func() { s.slots <- buf }()
+	defer func() { pool <- buf }()
 	r, n, err := s.store.PieceReader(req.Digest, req.Index, req.PieceSize)
 	if err != nil {
 		_ = wire.WriteMsg(w, swarmproto.PieceHeader{Error: unavailableMsg, Have: s.have(&req)})
@@ -124,8 +135,7 @@ func (s *Server) handle(st network.Stream) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	written, err := io.CopyBuffer(s.upload.Writer(ctx, w), r, buf)
-	s.served.Add(written)
+	_, err = io.CopyBuffer(s.upload.Writer(ctx, countingWriter{w: w, n: &s.served}), r, buf)
 	if err != nil {
 		s.log.Debug("piece upload cut short", zap.String("peer", st.Conn().RemotePeer().String()),
 			zap.String("digest", req.Digest), zap.Int("piece", req.Index), zap.Error(err))
@@ -133,29 +143,68 @@ func (s *Server) handle(st network.Stream) {
 	}
 }
 
-// slot takes an upload slot as Admit rules: at once if one is free, else
-// after a wait of at most QueueWait if few enough requests wait already.
-// It returns the slot's copy buffer (nil until first used) or false.
-func (s *Server) slot() ([]byte, bool) {
+// elastic is how many times its slots an underused server may serve at
+// once (Admit).
+const elastic = 2
+
+// slot takes an upload slot as Admit rules: at once if one is free or the
+// upload is underused, else after a wait of at most QueueWait if few
+// enough requests wait already. It returns the slot's copy buffer (nil
+// until first used) and the pool it goes back to, or false.
+func (s *Server) slot() ([]byte, chan []byte, bool) {
 	select {
 	case buf := <-s.slots:
-		return buf, true
+		return buf, s.slots, true
 	default:
 	}
 	n := cap(s.slots)
-	if waiting := s.waiting.Add(1) - 1; Admit(n, n, int(waiting)) == Refuse {
+	busy := n + cap(s.extra) - len(s.extra)
+	waiting := s.waiting.Add(1) - 1
+	switch Admit(n, busy, int(waiting), s.underused()) {
+	case Serve:
+		select {
+		case buf := <-s.extra:
+			s.waiting.Add(-1)
+			s.meterMu.Lock()
+			s.meter.Took()
+			s.meterMu.Unlock()
+			return buf, s.extra, true
+		default: // taken meanwhile: wait as any other
+		}
+	case Refuse:
 		s.waiting.Add(-1)
-		return nil, false
+		return nil, nil, false
 	}
 	defer s.waiting.Add(-1)
 	wait := time.NewTimer(QueueWait)
 	defer wait.Stop()
 	select {
 	case buf := <-s.slots:
-		return buf, true
+		return buf, s.slots, true
 	case <-wait.C:
-		return nil, false
+		return nil, nil, false
 	}
+}
+
+// underused reports whether the upload runs below what the link has
+// shown it can carry (Meter).
+func (s *Server) underused() bool {
+	s.meterMu.Lock()
+	defer s.meterMu.Unlock()
+	return s.meter.Underused(time.Now(), s.served.Load())
+}
+
+// countingWriter adds every byte written to n, as it goes (the Meter
+// needs the upload's rate, not a sum per piece).
+type countingWriter struct {
+	w io.Writer
+	n *atomic.Int64
+}
+
+func (c countingWriter) Write(b []byte) (int, error) {
+	k, err := c.w.Write(b)
+	c.n.Add(int64(k))
+	return k, err
 }
 
 // progressWriter gives each write to the stream idle to complete (the

@@ -36,6 +36,14 @@ func New(bytesPerSec int64) *Limiter {
 	return &Limiter{l: rate.NewLimiter(rate.Limit(bytesPerSec), chunk), chunk: chunk}
 }
 
+// Rate is the limit in bytes/s, 0 for unlimited.
+func (l *Limiter) Rate() float64 {
+	if l == nil {
+		return 0
+	}
+	return float64(l.l.Limit())
+}
+
 // Wait blocks until n bytes may pass.
 func (l *Limiter) Wait(ctx context.Context, n int) error {
 	if l == nil {
