@@ -16,6 +16,9 @@ type Sample struct {
 	// held by a live agent (both summed over blobs).
 	SeedPieces  int     `json:"seed_pieces"`
 	AgentPieces float64 `json:"agent_pieces"`
+	// KnownPieces is the mean piece CIDs a live agent has learned (from
+	// the tracker): it cannot fetch a piece before that.
+	KnownPieces float64 `json:"known_pieces"`
 	// Up and Down are the live agents' upload and download rates as a
 	// fraction of their capacity; IdleUp the fraction uploading nothing.
 	Up     float64 `json:"up"`
@@ -49,7 +52,7 @@ func (s *sim) startTimeline() {
 func (s *sim) sample(last *[6]int64) Sample {
 	smp := Sample{T: time.Duration(s.now).Seconds()}
 	var up, down, capacity float64
-	idle, held, inflight := 0, 0, 0
+	idle, held, known, inflight := 0, 0, 0, 0
 	for _, a := range s.agents {
 		if a.n.dead || a.done >= 0 {
 			continue
@@ -72,6 +75,9 @@ func (s *sim) sample(last *[6]int64) Sample {
 			if p != nil && p.store != nil {
 				h := p.store.Have()
 				held += h.Count()
+				if p.sched != nil {
+					known += p.sched.Known()
+				}
 				inflight += len(p.reqs)
 			}
 		}
@@ -89,6 +95,7 @@ func (s *sim) sample(last *[6]int64) Sample {
 	*last = s.outcomes
 	if smp.Live > 0 {
 		smp.AgentPieces = float64(held) / float64(smp.Live)
+		smp.KnownPieces = float64(known) / float64(smp.Live)
 		smp.IdleUp = float64(idle) / float64(smp.Live)
 		smp.Inflight = float64(inflight) / float64(smp.Live)
 		if capacity < unlimited {
