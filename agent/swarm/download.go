@@ -118,14 +118,15 @@ func (d *download) run(ctx context.Context, first *swarmproto.TrackerResponse) e
 		changed := d.p.Changed()
 		select {
 		case n := <-watched:
-			if n.end {
-				d.sched.Unwatched(n.from)
-				if n.err != nil && ctx.Err() == nil {
-					d.s.log.Debug("watch ended", zap.String("digest", d.req.Digest), zap.Stringer("peer", n.from), zap.Error(n.err))
+			// Take in all the news there is before scheduling again.
+			for more := true; more; {
+				d.takeNews(ctx, n)
+				select {
+				case n = <-watched:
+				default:
+					more = false
 				}
-				break
 			}
-			d.sched.PeerHave(n.from, n.have)
 		case u := <-updates:
 			if u.err != nil {
 				return &errFallback{reason: "tracker: " + u.err.Error(), trackerLost: true}
@@ -202,6 +203,18 @@ func (d *download) merge(resp *swarmproto.TrackerResponse) error {
 		d.s.host.Peerstore().AddAddrs(p.ID, swarmproto.ParseAddrs(p.Addrs), 10*time.Minute)
 	}
 	return nil
+}
+
+// takeNews takes in one watched peer's bitmap, or the end of its watch.
+func (d *download) takeNews(ctx context.Context, n news) {
+	if !n.end {
+		d.sched.PeerHave(n.from, n.have)
+		return
+	}
+	d.sched.Unwatched(n.from)
+	if n.err != nil && ctx.Err() == nil {
+		d.s.log.Debug("watch ended", zap.String("digest", d.req.Digest), zap.Stringer("peer", n.from), zap.Error(n.err))
+	}
 }
 
 // watch starts watching the peers the policy picks: each watch hands the

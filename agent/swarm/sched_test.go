@@ -304,7 +304,7 @@ func TestWatchPicksEachAgentOnceWithinTheBound(t *testing.T) {
 	now := time.Unix(100, 0)
 	s := NewSched(SchedConfig{Watch: 2}, testPeer(t, 0), 4*testPieceSize, testPieceSize, rand.New(rand.NewPCG(1, 2)), now)
 	seed, a, b, c := testPeer(t, 1), testPeer(t, 2), testPeer(t, 3), testPeer(t, 4)
-	resp := &swarmproto.TrackerResponse{Version: 1, Size: s.size, PieceSize: s.pieceSize, Peers: []swarmproto.PeerInfo{
+	resp := &swarmproto.TrackerResponse{Version: 1, Size: s.size, PieceSize: s.pieceSize, Interval: 1000, Peers: []swarmproto.PeerInfo{
 		{ID: seed.String(), Have: bitmap(4, 0).Bytes(), Seed: true},
 		{ID: a.String(), Have: bitmap(4, 1).Bytes()},
 		{ID: b.String(), Have: bitmap(4).Bytes()},
@@ -336,6 +336,18 @@ func TestWatchPicksEachAgentOnceWithinTheBound(t *testing.T) {
 	s.Unwatched(left)
 	if id, ok := s.Watch(); ok {
 		t.Fatalf("watched %v again: each peer is watched once", id)
+	}
+	// A tracker that answers every 100 ms leaves room for one watch only.
+	s2 := NewSched(SchedConfig{Watch: 2}, testPeer(t, 0), 4*testPieceSize, testPieceSize, rand.New(rand.NewPCG(1, 2)), now)
+	resp.Interval = 100
+	if _, err := s2.Tracker(now, resp); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := s2.Watch(); !ok {
+		t.Fatal("no watch at a 100 ms interval")
+	}
+	if id, ok := s2.Watch(); ok {
+		t.Fatalf("watched %v too: one watch per 100 ms of interval", id)
 	}
 	// News from a watched peer is a fresh bitmap: its piece becomes a source.
 	s.PeerHave(got[1], bitmap(4, 3).Bytes())

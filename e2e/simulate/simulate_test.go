@@ -138,7 +138,7 @@ func TestThousandNodeStorm(t *testing.T) {
 	if r.SeedEgressRatio > 1.5 {
 		t.Errorf("seed_egress_ratio %.3f > 1.5", r.SeedEgressRatio)
 	}
-	// Measured 1.35 (the target is 1.3): this catches a swarm
+	// Measured 1.30-1.31 (the target is 1.3): this catches a swarm
 	// that regresses, not yet the target.
 	if r.RatioToTMin > 1.5 {
 		t.Errorf("ratio_to_t_min %.3f > 1.5", r.RatioToTMin)
