@@ -41,23 +41,33 @@ func pair(tb testing.TB, n int, maxUploads int) (client host.Host, server peer.I
 	return client, srv.ID, blob, digest
 }
 
+// keyAndStore makes a new swarm key file and an empty store.
+func keyAndStore(tb testing.TB) (keyPath string, st *store.Store) {
+	tb.Helper()
+	dir := tb.TempDir()
+	keyPath = filepath.Join(dir, "swarm.key")
+	f, err := os.Create(keyPath)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := p2p.GenerateSwarmKey(f); err != nil {
+		tb.Fatal(err)
+	}
+	f.Close()
+	st, err = store.Open(store.Options{Dir: filepath.Join(dir, "store")}, zaptest.NewLogger(tb))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { st.Close() })
+	return keyPath, st
+}
+
 // serveBlob starts a host on a new swarm key (with pnet if asked) serving
 // a complete blob of n random bytes; it returns the host's address, its
 // piece server, the key file, the blob and its digest.
 func serveBlob(tb testing.TB, n int, maxUploads int, pnet bool) (srv peer.AddrInfo, server *Server, keyPath string, blob []byte, digest string) {
 	tb.Helper()
-	dir := tb.TempDir()
-	keyPath = filepath.Join(dir, "swarm.key")
-	f, _ := os.Create(keyPath)
-	if err := p2p.GenerateSwarmKey(f); err != nil {
-		tb.Fatal(err)
-	}
-	f.Close()
-	st, err := store.Open(store.Options{Dir: filepath.Join(dir, "store")}, zaptest.NewLogger(tb))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { st.Close() })
+	keyPath, st := keyAndStore(tb)
 	blob = make([]byte, n)
 	rand.Read(blob)
 	sum := sha256.Sum256(blob)

@@ -4,8 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -13,28 +11,13 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/starling-oci/starling/pkg/p2p"
-	"github.com/starling-oci/starling/pkg/store"
 	"github.com/starling-oci/starling/pkg/swarmproto"
 )
 
 // TestWatchersAreBounded: a blob's watchers beyond MaxWatchers are
 // answered busy at once, and a watch that ends frees its place.
 func TestWatchersAreBounded(t *testing.T) {
-	dir := t.TempDir()
-	keyPath := filepath.Join(dir, "swarm.key")
-	f, err := os.Create(keyPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := p2p.GenerateSwarmKey(f); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	st, err := store.Open(store.Options{Dir: filepath.Join(dir, "store")}, zaptest.NewLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	keyPath, st := keyAndStore(t)
 	// A blob of two pieces with neither here: the watches stay open.
 	digest := "sha256:" + "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 	p, err := st.OpenPartial(digest, 2*pieceSize, pieceSize)
