@@ -3,8 +3,6 @@ package swarm
 import (
 	"errors"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -339,7 +337,7 @@ func (s *Sched) Next(now time.Time, have *piece.Bitmap, waiting int) (Fetch, boo
 		if rarity > 0 {
 			s.sourced = true
 		}
-		if rarity == 0 || (best >= 0 && rarity >= bestRarity && !(expBand && rarity == bestRarity && s.rng.IntN(2) == 0)) {
+		if rarity == 0 || (best >= 0 && rarity >= bestRarity) {
 			continue
 		}
 		if from, ok := s.peerFor(i, now, nil); ok {
@@ -441,7 +439,7 @@ func (s *Sched) Done(now time.Time, f Fetch, out Outcome) {
 		s.ban(ps)
 		s.report(ps, Failure{Peer: f.From, Piece: f.Piece, Corrupt: true})
 	case Busy:
-		ps.cooldown = now.Add(expBusy())
+		ps.cooldown = now.Add(1000 * time.Millisecond)
 	case Unavailable:
 		// A claimed piece that is not there is a stale announcement (or a
 		// lie): forget the claim, tell the tracker, and count it against
@@ -554,13 +552,3 @@ func remove(ids []peer.ID, id peer.ID) []peer.ID {
 	}
 	return ids
 }
-
-func expBusy() time.Duration {
-	if v := os.Getenv("EXP_BUSY_MS"); v != "" {
-		n, _ := strconv.Atoi(v)
-		return time.Duration(n) * time.Millisecond
-	}
-	return time.Second
-}
-
-var expBand = os.Getenv("EXP_BAND") != ""
