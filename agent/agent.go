@@ -296,6 +296,14 @@ type Stats struct {
 	FromSeed     int64 `json:"from_seed"`
 }
 
+// WatchNews returns the bitmaps the agent's downloads got from watched peers.
+func (a *Agent) WatchNews() int64 {
+	if a.swarm == nil {
+		return 0
+	}
+	return a.swarm.WatchNews()
+}
+
 // Stats returns where the agent's blob bytes came from.
 func (a *Agent) Stats() Stats {
 	s := Stats{FromUpstream: a.origin.BytesFromUpstream()}
@@ -320,6 +328,8 @@ func (a *Agent) registerMetrics() {
 			map[string]string{"source": name}, func() float64 { return float64(f(a.Stats())) })
 	}
 	m.GaugeFunc("cache_used_bytes", "Bytes of complete blobs in the agent's store.", func() float64 { return float64(a.store.Used()) })
+	m.CounterFunc("watch_news_total", "Bitmaps the agent's downloads received from the peers they watch (/starling/watch/1): news of pieces without waiting for a tracker poll.",
+		nil, func() float64 { return float64(a.WatchNews()) })
 	m.CounterFunc("cache_evictions_total", "Blobs evicted from the store to keep it under --cache-size.", nil, func() float64 { return float64(a.store.Evictions()) })
 	m.GaugeFunc("peers_connected", "libp2p peers (agents and supernodes) the agent is connected to.", func() float64 {
 		if a.host == nil {

@@ -57,6 +57,7 @@ func TestMetricsLintAndHealth(t *testing.T) {
 		{"starling_blob_bytes_total", []string{"source"}},
 		{"starling_back_to_source_total", []string{"reason"}},
 		{"starling_corrupt_pieces_total", nil},
+		{"starling_watch_news_total", nil},
 		{"starling_peers_connected", nil},
 		{"starling_cache_used_bytes", nil},
 		{"starling_cache_evictions_total", nil},

@@ -208,6 +208,7 @@ func (d *download) merge(resp *swarmproto.TrackerResponse) error {
 // takeNews takes in one watched peer's bitmap, or the end of its watch.
 func (d *download) takeNews(ctx context.Context, n news) {
 	if !n.end {
+		d.s.watchNews.Add(1)
 		d.sched.PeerHave(n.from, n.have)
 		return
 	}

@@ -80,6 +80,7 @@ type Swarm struct {
 
 	fromPeers atomic.Int64
 	fromSeed  atomic.Int64
+	watchNews atomic.Int64
 	bufs      chan []byte // piece buffers, shared by all downloads
 }
 
@@ -127,6 +128,9 @@ func (s *Swarm) newRand() *rand.Rand {
 
 // BytesFromPeers returns blob bytes downloaded from other agents.
 func (s *Swarm) BytesFromPeers() int64 { return s.fromPeers.Load() }
+
+// WatchNews returns the bitmaps watched peers have pushed (/starling/watch/1).
+func (s *Swarm) WatchNews() int64 { return s.watchNews.Load() }
 
 // BytesFromSeed returns blob bytes downloaded from supernodes.
 func (s *Swarm) BytesFromSeed() int64 { return s.fromSeed.Load() }

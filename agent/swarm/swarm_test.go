@@ -220,6 +220,14 @@ func TestSixAgentsPullOnceFromUpstream(t *testing.T) {
 	if fromPeers == 0 {
 		t.Error("no piece came from another agent")
 	}
+	// The agents watched each other's bitmaps over real libp2p streams.
+	var news int64
+	for _, n := range nodes {
+		news += n.agent.WatchNews()
+	}
+	if news == 0 {
+		t.Error("no agent heard from a peer it watched")
+	}
 }
 
 // corruptPeer is a libp2p host that claims every piece and serves garbage.
