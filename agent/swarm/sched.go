@@ -33,7 +33,6 @@ type Sched struct {
 	inflight [][]peer.ID           // per piece: peers it is being fetched from
 	running  int
 	watching int   // peers watched now
-	interval int64 // the tracker's last interval_ms
 	order    []int // a random permutation: ties in rarity break randomly
 	rng      *rand.Rand
 
@@ -67,9 +66,6 @@ type SchedConfig struct {
 // (each peer accepts pieceserver.MaxWatchers watchers per blob), few
 // enough that the news costs each peer a few messages per piece.
 const DefaultWatch = 16
-
-// watchEvery is the tracker interval (ms) that earns one more watch.
-const watchEvery = 100
 
 type peerState struct {
 	id       peer.ID
@@ -164,7 +160,6 @@ func (s *Sched) Tracker(now time.Time, resp *swarmproto.TrackerResponse) ([]Peer
 		return nil, errGeometry
 	}
 	s.known = min(s.count, s.known+len(resp.Pieces))
-	s.interval = resp.Interval
 	if resp.Version > s.version {
 		if s.version > 0 {
 			s.swarmMoved = now
@@ -248,17 +243,8 @@ func (s *Sched) ban(ps *peerState) {
 // tracker's answers come only every interval, which grows with the swarm;
 // watched peers tell of a new piece the moment it lands, so pieces spread
 // peer to peer at transfer speed whatever the swarm's size.
-//
-// How many: one per watchEvery of the tracker's interval, at least one
-// and at most Watch. Watches stand in for the tracker's news, which is
-// as stale as its interval, and that grows with the swarm (100 ms up to
-// 600 agents on a blob, 1.7 s at 10,000 on a 4-layer image); a small
-// swarm's news is fresh already, and each watch costs every piece a
-// message (in a 20-node loopback storm 16 watches per blob cost 10% more
-// CPU per byte).
 func (s *Sched) Watch() (peer.ID, bool) {
-	quota := min(s.cfg.Watch, max(1, int((s.interval+watchEvery-1)/watchEvery)))
-	if s.watching >= quota {
+	if s.watching >= s.cfg.Watch {
 		return "", false
 	}
 	for len(s.fresh) > 0 {

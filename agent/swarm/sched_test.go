@@ -337,18 +337,6 @@ func TestWatchPicksEachAgentOnceWithinTheBound(t *testing.T) {
 	if id, ok := s.Watch(); ok {
 		t.Fatalf("watched %v again: each peer is watched once", id)
 	}
-	// A tracker that answers every 100 ms leaves room for one watch only.
-	s2 := NewSched(SchedConfig{Watch: 2}, testPeer(t, 0), 4*testPieceSize, testPieceSize, rand.New(rand.NewPCG(1, 2)), now)
-	resp.Interval = 100
-	if _, err := s2.Tracker(now, resp); err != nil {
-		t.Fatal(err)
-	}
-	if _, ok := s2.Watch(); !ok {
-		t.Fatal("no watch at a 100 ms interval")
-	}
-	if id, ok := s2.Watch(); ok {
-		t.Fatalf("watched %v too: one watch per 100 ms of interval", id)
-	}
 	// News from a watched peer is a fresh bitmap: its piece becomes a source.
 	s.PeerHave(got[1], bitmap(4, 3).Bytes())
 	have := bitmap(4, 0, 1, 2)

@@ -168,7 +168,7 @@ func mainErr(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.DurationVar(&cfg.StallTimeout, "stall-timeout", cfg.StallTimeout, "agent: stall timeout")
 	fs.BoolVar(&cfg.Prefetch, "prefetch", true, "agent: start every layer's fill when the manifest is pulled (the agent's default); false: when the client asks for the blob")
 	fs.BoolVar(&cfg.HaveInAnswers, "have-in-answers", true, "piece answers carry the server's bitmap (as pkg/pieceserver's do; false to see what that is worth)")
-	fs.IntVar(&cfg.Watch, "watch", swarm.DefaultWatch, "agent: most peers whose bitmaps each download watches over /starling/watch/1, one per 100 ms of the tracker's interval (0: none, to see what that is worth)")
+	fs.IntVar(&cfg.Watch, "watch", swarm.DefaultWatch, "agent: peers whose bitmaps each download watches over /starling/watch/1 (0: none, to see what that is worth)")
 	fs.Float64Var(&cfg.TrackerBlobRate, "tracker-blob-rate", 0, "tracker: requests per second per blob its interval aims at (0: its default)")
 	fs.Float64Var(&cfg.TrackerTotalRate, "tracker-total-rate", 0, "tracker: requests per second overall its interval aims at (0: its default)")
 	fs.IntVar(&cfg.HostCores, "host-cores", 0, "model every node on one machine with this many cores (the loopback pull storm); 0 = separate machines")
